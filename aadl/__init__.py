@@ -1,0 +1,19 @@
+"""Anderson acceleration for deep learning (AADL) as a torch.optim wrapper.
+
+>>> base = torch.optim.Adam(model.parameters(), lr=1e-3)
+>>> opt = AndersonAcceleration(base, history=10, relaxation=0.5)
+>>> loss = loss_fn(model(x), y); opt.zero_grad(); loss.backward()
+>>> opt.step(closure=lambda: loss_fn(model(x), y))
+"""
+
+from .hyperparameters import SETTING_NAMES, AndersonSettings, validate_settings
+from .optimizer import AccelerationStats, AndersonAcceleration
+
+__all__ = [
+    "AndersonAcceleration",
+    "AndersonSettings",
+    "AccelerationStats",
+    "SETTING_NAMES",
+    "validate_settings",
+]
+__version__ = "0.1.0"

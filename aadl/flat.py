@@ -1,0 +1,86 @@
+"""The joint parameter vector w: copying parameters to and from flat buffers.
+
+Anderson acceleration acts on one flat vector holding every parameter the base optimizer
+updates. The parameters stay where the model keeps them (we never re-point ``p.data``, which
+would break DDP buckets, ``torch.compile`` and FSDP); instead rows of w are copied between
+the parameters and preallocated flat buffers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+_foreach_copy = getattr(torch, "_foreach_copy_", None)
+
+
+class ParameterVector:
+    """Rows ``[start, stop)`` of the concatenation of ``params`` (flattened, in order)."""
+
+    def __init__(self, params: Sequence[torch.Tensor], start: int = 0, stop: int | None = None):
+        if not params:
+            raise ValueError(
+                "AndersonAcceleration: the base optimizer holds no parameter that requires grad"
+            )
+        dtypes = {p.dtype for p in params}
+        devices = {p.device for p in params}
+        if len(dtypes) > 1 or len(devices) > 1:
+            raise ValueError(
+                "AndersonAcceleration acts on one joint vector, so every parameter must share "
+                f"one dtype and device; got dtypes {sorted(map(str, dtypes))} and devices "
+                f"{sorted(map(str, devices))}"
+            )
+        if not params[0].is_floating_point():
+            raise ValueError(f"AndersonAcceleration needs floating-point parameters, got {params[0].dtype}")
+        self.params = list(params)
+        self.dtype = params[0].dtype
+        self.device = params[0].device
+        self.n = sum(p.numel() for p in params)
+        self.start = start
+        self.stop = self.n if stop is None else stop
+        # (param, first row in the param, last row, first row in the local buffer)
+        self._pieces = []
+        offset = 0
+        for p in self.params:
+            lo, hi = max(offset, self.start), min(offset + p.numel(), self.stop)
+            if lo < hi:
+                self._pieces.append((p, lo - offset, hi - offset, lo - self.start))
+            offset += p.numel()
+        self._whole = self.start == 0 and self.stop == self.n
+        self._all_contiguous = all(p.is_contiguous() for p in self.params)
+        # Scatter sources are a few long-lived buffers: keep their per-parameter views.
+        self._views_cache: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+
+    def same_parameters(self, params: Sequence[torch.Tensor]) -> bool:
+        return len(params) == len(self.params) and all(a is b for a, b in zip(params, self.params))
+
+    def gather(self, out: torch.Tensor) -> torch.Tensor:
+        """Copy the owned rows of w into ``out[: stop - start]``."""
+        length = self.stop - self.start
+        if self._whole and self._all_contiguous and out.device == self.device:
+            torch.cat([p.view(-1) for p in self.params], out=out[:length])
+            return out
+        for p, lo, hi, at in self._pieces:
+            out[at : at + hi - lo].copy_(p.reshape(-1)[lo:hi] if p.is_contiguous() else p.flatten()[lo:hi])
+        return out
+
+    def scatter(self, full: torch.Tensor) -> None:
+        """Set every parameter from ``full[:n]``, a flat vector of the whole of w."""
+        views = self._views(full)
+        if _foreach_copy is not None and full.device == self.device:
+            _foreach_copy(self.params, views)
+        else:
+            for p, v in zip(self.params, views):
+                p.copy_(v)
+
+    def _views(self, full: torch.Tensor) -> list[torch.Tensor]:
+        cached = self._views_cache.get(id(full))
+        if cached is not None and cached[0] is full:
+            return cached[1]
+        views, offset = [], 0
+        for p in self.params:
+            views.append(full[offset : offset + p.numel()].view(p.shape))
+            offset += p.numel()
+        self._views_cache[id(full)] = (full, views)
+        return views

@@ -1,0 +1,106 @@
+"""The AA history: a preallocated ring buffer of m columns and its Gram matrix.
+
+Column j holds, for one stored pair of consecutive stored iterates,
+
+* ``dR_j = r_k - r_s``                      (difference of fixed-point residuals), and
+* ``X_j  = dW_j + c dR_j``                  with ``dW_j = w_k - w_s``,
+
+where ``c`` is the mixing's weight of ``dR`` (``beta`` for Walker-Ni mixing, 1 for the
+paper's Eq. 6). Keeping ``dW + c dR`` instead of ``dW`` is exact algebra, not an
+approximation: the mixing ``w_AA = w_k + beta r_k - (dW + beta dR) g`` then reads
+``X`` once instead of ``dW`` and ``dR``, so one AA step reads the history once
+(dR for the dot products, X for the mixing), the least a step can read.
+
+Columns are filled in slot order 0, 1, ..., m-1 and then overwrite the oldest. The
+least-squares problem does not depend on the order of its columns, so coefficients are
+kept in slot order and never reshuffled.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .kernels import row_dots
+
+
+class AndersonHistory:
+    def __init__(self, capacity: int, length: int, dtype: torch.dtype, device: torch.device):
+        self.capacity = capacity
+        # Zero-initialised: sharded buffers rely on zero padding rows.
+        self.X = torch.zeros(capacity, length, dtype=dtype, device=device)
+        self.dR = torch.zeros(capacity, length, dtype=dtype, device=device)
+        # dR^T dR over this rank's rows (the full product unless sharded), float64.
+        self.gram = torch.zeros(capacity, capacity, dtype=torch.float64, device=device)
+        self.count = 0  # columns held
+        self.next_slot = 0  # slot the next column goes to
+
+    def __len__(self) -> int:
+        return self.count
+
+    def open_slot(self) -> int:
+        """The slot the next column is written to (the oldest once full)."""
+        return self.next_slot
+
+    def commit_slot(self, slot: int, extra: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Make the column just written at ``slot`` part of the history.
+
+        Updates the Gram matrix with one pass over ``dR``: the dot products of every held
+        column with the new one. ``extra`` (a vector, e.g. ``r_k``) rides along in the same
+        pass; its dot products with the held columns are returned.
+        """
+        self.count = min(self.count + 1, self.capacity)
+        self.next_slot = (slot + 1) % self.capacity
+        vectors = [self.dR[slot]] if extra is None else [self.dR[slot], extra]
+        dots = row_dots(self.dR[: self.count], vectors)
+        self.gram[slot, : self.count] = dots[:, 0]
+        self.gram[: self.count, slot] = dots[:, 0]
+        return None if extra is None else dots[:, 1]
+
+    def dots(self, vector: torch.Tensor) -> torch.Tensor:
+        """``dR^T vector`` over the held columns (float64, slot order)."""
+        return row_dots(self.dR[: self.count], [vector])[:, 0]
+
+    def active(self) -> slice:
+        return slice(0, self.count)
+
+    def reweight_mixing(self, old_weight: float, new_weight: float) -> None:
+        """Re-express X for a new dR weight (a checkpoint resumed with another beta)."""
+        if old_weight != new_weight and self.count:
+            self.X[: self.count].add_(self.dR[: self.count], alpha=new_weight - old_weight)
+
+    # -- checkpointing --------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        h = self.count
+        return {
+            "count": h,
+            "next_slot": self.next_slot,
+            "X": self.X[:h],
+            "dR": self.dR[:h],
+            "gram": self.gram[:h, :h],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        h = int(state["count"])
+        if h > self.capacity:
+            raise ValueError(
+                f"AndersonAcceleration.load_state_dict: the checkpoint holds {h} history columns "
+                f"but history={self.capacity}; resume with history >= {h}"
+            )
+        for name in ("X", "dR"):
+            saved = state[name]
+            if tuple(saved.shape) != (h, self.X.shape[1]):
+                raise ValueError(
+                    f"AndersonAcceleration.load_state_dict: history '{name}' has shape "
+                    f"{tuple(saved.shape)}, expected ({h}, {self.X.shape[1]}) for this model"
+                )
+        self.X.zero_()
+        self.dR.zero_()
+        self.gram.zero_()
+        self.X[:h].copy_(state["X"])
+        self.dR[:h].copy_(state["dR"])
+        self.gram[:h, :h].copy_(state["gram"])
+        self.count = h
+        # Slots [0, h) are live; a history that is not full appends after them, whatever
+        # capacity it was saved with.
+        self.next_slot = h if h < self.capacity else int(state["next_slot"]) % self.capacity

@@ -1,0 +1,154 @@
+"""Memory-bound passes over the history, done in row blocks.
+
+Every pass AA makes over n rows (dot products with the history, the mixing, the streaming
+QR, the moving-average statistics) is split into row blocks:
+
+* Dot products are exact-product float64 sums: each block is cast to float64 (a
+  product of two float32 numbers is exact in float64) and the block results are summed
+  in float64. Reducing float32 blocks in float32 would be cheaper but is not accurate
+  enough: a Gram diagonal is a sum of positive terms, and BLAS's float32 accumulation
+  chains lose ~1e-6 relative over blocks of 32768 rows.
+* Block results are reduced in block order, so every result is bitwise identical
+  whatever the number of worker threads.
+* On CPU the blocks are spread over ``torch.get_num_threads()`` Python threads: MKL's
+  matrix-vector product for this shape runs on one core, and splitting the rows recovers
+  the memory bandwidth of all of them. Torch releases the GIL inside each call.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import torch
+
+CPU_BLOCK = 32768
+CUDA_BLOCK = 1 << 18
+
+_T = TypeVar("_T")
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+_pool_lock = threading.Lock()
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool is None or _pool_size != workers:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="aadl-blocks")
+            _pool_size = workers
+        return _pool
+
+
+def block_size(device: torch.device) -> int:
+    return CPU_BLOCK if device.type == "cpu" else CUDA_BLOCK
+
+
+def map_blocks(length: int, device: torch.device, work: Callable[[int, int], _T]) -> list[_T]:
+    """``[work(lo, hi) for each row block]`` in block order, on CPU spread over threads."""
+    size = block_size(device)
+    bounds = [(lo, min(length, lo + size)) for lo in range(0, length, size)] or [(0, 0)]
+    workers = min(torch.get_num_threads(), len(bounds)) if device.type == "cpu" else 1
+    if workers <= 1:
+        return [work(lo, hi) for lo, hi in bounds]
+    per = -(-len(bounds) // workers)
+    chunks = [bounds[i : i + per] for i in range(0, len(bounds), per)]
+    futures = [_executor(workers).submit(lambda c=c: [work(lo, hi) for lo, hi in c]) for c in chunks]
+    return [r for f in futures for r in f.result()]
+
+
+def _as_float64(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.to(torch.float64)
+
+
+def row_dots(rows: torch.Tensor, vectors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``rows @ stack(vectors).T`` in float64: (h, k) dot products of h rows with k vectors."""
+    h, length = rows.shape
+
+    def work(lo: int, hi: int) -> torch.Tensor:
+        vecs = torch.stack([v[lo:hi] for v in vectors], dim=1)
+        return _as_float64(rows[:, lo:hi]) @ _as_float64(vecs)
+
+    partials = map_blocks(length, rows.device, work)
+    total = torch.zeros(h, len(vectors), dtype=torch.float64, device=rows.device)
+    for p in partials:
+        total += p
+    return total
+
+
+def mix(
+    out: torch.Tensor,
+    base: torch.Tensor,
+    rows: torch.Tensor,
+    coefficients: torch.Tensor,
+    shift: torch.Tensor | None = None,
+    shift_weight: float = 0.0,
+) -> torch.Tensor:
+    """``out = base + shift_weight * shift - rows.T @ coefficients`` in one pass.
+
+    Returns the float64 sum of ``out``: finite exactly when every entry is (a sum of
+    float32 numbers cannot overflow in float64), so no separate scan is needed.
+    """
+    coefficients = coefficients.to(device=rows.device, dtype=rows.dtype)
+    use_shift = shift is not None and shift_weight != 0.0
+
+    def work(lo: int, hi: int) -> torch.Tensor:
+        piece = out[lo:hi]
+        torch.addmv(base[lo:hi], rows[:, lo:hi].T, coefficients, alpha=-1, out=piece)
+        if use_shift:
+            piece.add_(shift[lo:hi], alpha=shift_weight)
+        return piece.sum(dtype=torch.float64)
+
+    return torch.stack(map_blocks(out.numel(), out.device, work)).sum()
+
+
+def streaming_r_factor(rows: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+    """R factor (float64, (h+1) x (h+1)) of the n x (h+1) matrix ``[rows.T, vector]``.
+
+    A tall-skinny QR: each block is factorised stacked under the running R, so no n x h
+    matrix is ever materialised and the factorisation is done in float64.
+    """
+    h = rows.shape[0]
+
+    def work(lo: int, hi: int) -> torch.Tensor:
+        block = torch.cat([rows[:, lo:hi].T, vector[lo:hi, None]], dim=1)
+        return torch.linalg.qr(_as_float64(block), mode="r").R
+
+    factors = map_blocks(rows.shape[1], rows.device, work)
+    return combine_r_factors(factors, h + 1)
+
+
+def combine_r_factors(factors: Sequence[torch.Tensor], width: int) -> torch.Tensor:
+    """R factor of the row-stack of several R factors (each at most ``width`` columns)."""
+    stacked = torch.cat(list(factors), dim=0)
+    r = torch.linalg.qr(stacked, mode="r").R
+    if r.shape[0] < width:  # fewer rows than columns so far: pad to a square factor
+        r = torch.cat([r, r.new_zeros(width - r.shape[0], width)], dim=0)
+    return r
+
+
+def max_entry_spread(buffer: torch.Tensor, correction: int) -> tuple[float, float]:
+    """Over a (t, n) buffer of iterates: (max_j std_j, max_j mean_j), std with the given
+    Bessel correction (0: population)."""
+
+    def work(lo: int, hi: int) -> torch.Tensor:
+        block = buffer[:, lo:hi]
+        var, mean = torch.var_mean(block, dim=0, correction=correction)
+        return torch.stack([var.max(), mean.max()]).to(torch.float64)
+
+    stats = torch.stack(map_blocks(buffer.shape[1], buffer.device, work)).max(dim=0).values
+    return float(stats[0].clamp_min(0).sqrt()), float(stats[1])
+
+
+def row_mean(buffer: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = buffer.mean(dim=0)`` without an n-sized temporary."""
+
+    def work(lo: int, hi: int) -> None:
+        torch.mean(buffer[:, lo:hi], dim=0, out=out[lo:hi])
+
+    map_blocks(buffer.shape[1], buffer.device, work)
+    return out

@@ -1,0 +1,490 @@
+"""``AndersonAcceleration``: stable Anderson acceleration wrapped around any torch optimizer.
+
+The algorithm is specified in ``shared/spec/aadl-algorithm.md`` (the contract); the
+section numbers in comments below refer to its "One call of step" list.
+
+Memory: besides the preallocated history (2 m n numbers) and the optional moving-average
+buffer (t n), the wrapper keeps a pool of n-vectors whose roles rotate from step to step
+so that nothing is copied twice: the stored pair (u_s, r_s), the pre-step parameters that
+become the residual r_k, the post-step parameters w_k + r_k and the AA candidate. Four
+suffice whenever every acceleration step is also a storage step (p a multiple of q, as in
+all the paper's settings); other schedules grow the pool to five on first need.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from . import kernels
+from .averaging import IterateAverage
+from .distributed import RowLayout
+from .flat import ParameterVector
+from .history import AndersonHistory
+from .hyperparameters import AndersonSettings, validate_settings
+from .solvers import LeastSquaresSolution, solve_normal_equations, solve_r_factor
+
+STATE_FORMAT = 1
+
+
+@dataclasses.dataclass
+class AccelerationStats:
+    """Counters for logging; ``as_dict()`` is what the experiment harness writes."""
+
+    steps: int = 0
+    aa_attempts: int = 0
+    aa_accepted: int = 0
+    averages_applied: int = 0
+    qr_fallbacks: int = 0  # gram systems too ill-conditioned, solved by QR instead
+    last_g_norm: float = math.nan
+    last_condition: float = math.nan  # 2-norm condition number of [dR; sqrt(lam) I]
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class AndersonAcceleration(Optimizer):
+    """Anderson acceleration (AADL) of any ``torch.optim`` optimizer.
+
+    Each ``step()`` runs one step of the base optimizer, then (on the configured
+    schedule) stores a history column, extrapolates with the Anderson mixing, checks the
+    candidate against the loss, and optionally averages recent iterates. See
+    ``docs/library.md`` for usage and ``shared/spec/aadl-algorithm.md`` for the
+    algorithm.
+
+    Args:
+        optimizer: the base optimizer; its ``param_groups`` are shared, so an LR
+            scheduler may be attached to either object.
+        history: m, columns kept. frequency: p, steps between accelerations.
+        store_every: q, steps between stored columns. relaxation: beta in (0, 1].
+        regularization: Tikhonov lambda >= 0. warmup: plain steps before storing.
+        average, average_window, average_threshold, average_criterion: the moving
+            average (window t, default m; threshold epsilon; ``residual`` = Eq. 16 or
+            ``reference_code``).
+        safeguard: ``loss`` (keep the AA point only if the closure's loss drops) or
+            ``none``. solver: ``gram`` or ``qr``. mixing: ``walker_ni`` or ``paper_eq6``.
+        distributed: ``replicated`` (every rank holds the whole history) or
+            ``sharded`` (each rank holds 1/P of its rows).
+        history_device: where the history lives (default: the parameters' device).
+        process_group: the ``torch.distributed`` group (default: the world).
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        history: int = 10,
+        frequency: int = 1,
+        store_every: int = 1,
+        relaxation: float = 1.0,
+        regularization: float = 0.0,
+        warmup: int = 0,
+        average: bool = False,
+        average_window: int | None = None,
+        average_threshold: float = 0.1,
+        average_criterion: str = "residual",
+        safeguard: str = "loss",
+        solver: str = "gram",
+        mixing: str = "walker_ni",
+        distributed: str = "replicated",
+        history_device: str | torch.device | None = None,
+        process_group=None,
+    ):
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(
+                "AndersonAcceleration wraps a torch.optim.Optimizer, got " + type(optimizer).__name__
+            )
+        if isinstance(optimizer, AndersonAcceleration):
+            raise TypeError("AndersonAcceleration cannot wrap another AndersonAcceleration")
+        # Validate everything before a single buffer is allocated.
+        self.settings: AndersonSettings = validate_settings(
+            history=history,
+            frequency=frequency,
+            store_every=store_every,
+            relaxation=relaxation,
+            regularization=regularization,
+            warmup=warmup,
+            average=average,
+            average_window=average_window,
+            average_threshold=average_threshold,
+            average_criterion=average_criterion,
+            safeguard=safeguard,
+            solver=solver,
+            mixing=mixing,
+            distributed=distributed,
+            history_device=history_device,
+        )
+        self.optimizer = optimizer
+        self.process_group = process_group
+        # torch.optim.Optimizer's plumbing (hooks, profiler) without re-registering the
+        # parameter groups: they stay the base optimizer's (see the properties below).
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._patch_step_function()
+        self.stats = AccelerationStats()
+        self._warned_no_closure = False
+        self._build(self._trainable_parameters())
+
+    # -- shared with the base optimizer -------------------------------------------------
+    # Properties, not copies: the base optimizer's load_state_dict rebinds these.
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value) -> None:
+        self.optimizer.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.optimizer.defaults = value
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.optimizer.add_param_group(param_group)
+        self._sync_parameters()
+
+    # -- setup --------------------------------------------------------------------------
+
+    def _trainable_parameters(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+
+    def _build(self, params: list[torch.Tensor]) -> None:
+        """Allocate every buffer for the joint vector of ``params`` (history emptied)."""
+        s = self.settings
+        whole = ParameterVector(params)
+        layout = RowLayout(whole.n, s.distributed, whole.device, self.process_group)
+        if layout.sharded and whole.n < layout.world_size:
+            raise ValueError(
+                f"distributed='sharded' needs at least one parameter per rank; n={whole.n} "
+                f"< world size {layout.world_size}"
+            )
+        device = torch.device(s.history_device) if s.history_device else whole.device
+        length, dtype = layout.shard_length, whole.dtype
+        self._whole = whole
+        self._rows = ParameterVector(params, layout.start, layout.stop) if layout.sharded else whole
+        self._layout = layout
+        self._pool = [torch.zeros(length, dtype=dtype, device=device) for _ in range(4)]
+        self._full = (
+            torch.zeros(layout.padded_length, dtype=dtype, device=device) if layout.sharded else None
+        )
+        self._history = AndersonHistory(s.history, length, dtype, device)
+        self._average = (
+            IterateAverage(
+                s.window, length, layout.local_length, s.average_threshold,
+                s.average_criterion, dtype, device,
+            )
+            if s.average
+            else None
+        )
+        self._stored: tuple[torch.Tensor, torch.Tensor] | None = None  # (u_s, r_s)
+
+    def _sync_parameters(self) -> None:
+        params = self._trainable_parameters()
+        if not self._whole.same_parameters(params):
+            if len(self._history) or self._stored is not None:
+                warnings.warn(
+                    "AndersonAcceleration: the set of trainable parameters changed; "
+                    "the AA history and moving average are reset",
+                    stacklevel=3,
+                )
+            self._build(params)
+
+    def _free_buffer(self, *in_use: torch.Tensor | None) -> torch.Tensor:
+        for buffer in self._pool:
+            if not any(buffer is used for used in in_use):
+                return buffer
+        # Only schedules that accelerate on steps that store nothing get here.
+        self._pool.append(torch.zeros_like(self._pool[0]))
+        return self._pool[-1]
+
+    @property
+    def _dr_weight(self) -> float:
+        """The weight c of dR in X = dW + c dR (see aadl.history)."""
+        return self.settings.relaxation if self.settings.mixing == "walker_ni" else 1.0
+
+    # -- one step ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        """One base step plus, on schedule, storage, acceleration and averaging.
+
+        ``closure`` only computes the loss (no backward; it is called under
+        ``torch.no_grad()``) and is used by the safeguard. Returns the closure's loss at
+        the point kept when the safeguard ran, otherwise ``None``.
+        """
+        s = self.settings
+        self._sync_parameters()
+        k = self.stats.steps + 1
+        store = k > s.warmup and k % s.store_every == 0
+        accelerate = k % s.frequency == 0 and (
+            len(self._history) > 0 or (store and self._stored is not None)
+        )
+        needs_residual = store or accelerate or self._average is not None
+        stored_u, stored_r = self._stored if self._stored is not None else (None, None)
+
+        # 1. w_k, then 2. the base step and r_k = w_after - w_k.
+        if needs_residual:
+            w_before = self._rows.gather(self._free_buffer(stored_u, stored_r))
+        self.optimizer.step()
+        self.stats.steps = k
+        if not needs_residual:
+            return None
+        w_after = self._rows.gather(self._free_buffer(stored_u, stored_r, w_before))
+        residual = torch.sub(w_after, w_before, out=w_before)
+
+        rhs = self._store(w_after, residual, want_rhs=accelerate) if store else None  # 3.
+        loss = self._accelerate(closure, w_after, residual, rhs) if accelerate else None  # 4.
+        if self._average is not None:  # 5.
+            self._update_average(residual)
+        return loss
+
+    def _store(
+        self, w_after: torch.Tensor, residual: torch.Tensor, want_rhs: bool
+    ) -> torch.Tensor | None:
+        """Append (dW, dR) from the stored pair, then store (w_k, r_k) as u = w + c r.
+
+        Returns dR^T r_k when ``want_rhs`` and a column was appended (same pass)."""
+        history, c = self._history, self._dr_weight
+        previous = self._stored
+        if previous is not None:
+            stored_u, stored_r = previous
+            slot = history.open_slot()
+            torch.sub(residual, stored_r, out=history.dR[slot])  # dR = r_k - r_s
+        # u_k = w_k + c r_k = w_after - (1 - c) r_k; with c = 1 that is w_after itself.
+        if c == 1.0:
+            u = w_after
+        else:
+            in_use = (previous[0],) if previous is not None else ()
+            u = torch.add(w_after, residual, alpha=c - 1.0, out=self._free_buffer(*in_use, w_after, residual))
+        self._stored = (u, residual)
+        if previous is None:
+            return None
+        torch.sub(u, stored_u, out=history.X[slot])  # X = dW + c dR = u_k - u_s
+        return history.commit_slot(slot, extra=residual if want_rhs else None)
+
+    def _accelerate(
+        self,
+        closure: Callable[[], Any] | None,
+        w_after: torch.Tensor,
+        residual: torch.Tensor,
+        rhs: torch.Tensor | None,
+    ):
+        s, history, stats = self.settings, self._history, self.stats
+        stats.aa_attempts += 1
+        if rhs is None:
+            rhs = history.dots(residual)
+        solution = self._solve(rhs, residual)
+        g = solution.coefficients
+        stats.last_g_norm = float(torch.linalg.vector_norm(g))
+        stats.last_condition = solution.condition
+        if not math.isfinite(stats.last_g_norm):
+            return None  # rejected: parameters stay at w_k + r_k
+
+        # w_AA = w_k + beta r_k - (dW + beta dR) g = w_after - (1 - beta) r_k - X g'
+        # with g' = g (Walker-Ni, X = dW + beta dR) or beta g (Eq. 6, X = dW + dR).
+        beta = s.relaxation
+        coefficients = g if s.mixing == "walker_ni" else beta * g
+        in_use = (*(self._stored or ()), w_after, residual)
+        candidate = self._free_buffer(*in_use)
+        total = kernels.mix(
+            candidate, w_after, history.X[history.active()], coefficients, residual, beta - 1.0
+        )
+        finite = math.isfinite(float(self._layout.sum_over_shards(total.reshape(1))))
+        if not finite:
+            return None
+
+        if s.safeguard == "loss" and closure is None and not self._warned_no_closure:
+            warnings.warn(
+                "AndersonAcceleration: safeguard='loss' needs a closure that returns the loss; "
+                "without one every finite AA step is kept unchecked",
+                stacklevel=3,
+            )
+            self._warned_no_closure = True
+        if s.safeguard != "loss" or closure is None:
+            self._write_parameters(candidate)
+            stats.aa_accepted += 1
+            return None
+
+        plain_loss = closure()  # the parameters are at w_after = w_k + r_k
+        self._write_parameters(candidate)
+        aa_loss = closure()
+        plain, accelerated = self._mean_over_ranks(plain_loss, aa_loss)
+        if math.isfinite(accelerated) and accelerated < plain:
+            stats.aa_accepted += 1
+            return aa_loss
+        self._write_parameters(w_after)
+        return plain_loss
+
+    def _solve(self, rhs: torch.Tensor, residual: torch.Tensor) -> LeastSquaresSolution:
+        s, history, layout = self.settings, self._history, self._layout
+        h = len(history)
+        if s.solver == "gram":
+            gram = history.gram[:h, :h]
+            if layout.sharded:  # one all-reduce of h^2 + h numbers
+                packed = layout.sum_over_shards(torch.cat([gram.reshape(-1), rhs]))
+                gram, rhs = packed[: h * h].view(h, h), packed[h * h :]
+            solution = solve_normal_equations(gram, rhs, s.regularization)
+            if solution is not None:
+                return solution
+            self.stats.qr_fallbacks += 1
+        r_factor = kernels.streaming_r_factor(history.dR[:h], residual)
+        if layout.sharded:
+            r_factor = kernels.combine_r_factors(list(layout.gather_small(r_factor)), h + 1)
+        return solve_r_factor(r_factor, s.regularization)
+
+    def _update_average(self, residual: torch.Tensor) -> None:
+        average, layout = self._average, self._layout
+        self._rows.gather(average.push_slot())  # the parameters as they now stand
+        if not average.full:
+            return
+        spread, reference = average.statistics()
+        residual_max = float(torch.linalg.vector_norm(residual, ord=math.inf))
+        reduced = layout.max_over_shards(
+            torch.tensor([spread, reference, residual_max], dtype=torch.float64, device=residual.device)
+        )
+        spread, reference, residual_max = (float(v) for v in reduced)
+        if average.decide(spread, reference, residual_max):
+            mean = average.mean_into(self._free_buffer(*(self._stored or ())))
+            self._write_parameters(mean)
+            self.stats.averages_applied += 1
+
+    def _write_parameters(self, local: torch.Tensor) -> None:
+        """Set the parameters from this rank's rows of w (all-gathered when sharded)."""
+        if self._layout.sharded:
+            local = self._layout.gather_shards(local, self._full)
+        self._whole.scatter(local)
+
+    def _mean_over_ranks(self, *losses: Any) -> list[float]:
+        values = torch.tensor(
+            [float(loss) for loss in losses], dtype=torch.float64, device=self._layout.device
+        )
+        if self._layout.world_size > 1:
+            self._layout.sum_over_ranks(values)
+            values /= self._layout.world_size
+        return values.tolist()
+
+    # -- checkpointing -----------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state and all of the wrapper's: history, Gram matrix,
+        stored pair, moving-average buffer and counters. Tensors are references, as in
+        ``torch.optim``; under ``sharded`` each rank saves its own rows."""
+        stored = None if self._stored is None else {"u": self._stored[0], "r": self._stored[1]}
+        return {
+            "base": self.optimizer.state_dict(),
+            "anderson": {
+                "format": STATE_FORMAT,
+                "settings": self.settings.as_dict(),
+                "layout": self._layout.describe(),
+                "dtype": str(self._whole.dtype),
+                "stats": self.stats.as_dict(),
+                "history": self._history.state_dict(),
+                "stored": stored,
+                "average": None if self._average is None else self._average.state_dict(),
+                "warned_no_closure": self._warned_no_closure,
+            },
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a state saved by :meth:`state_dict`. Everything is checked before
+        anything is changed, so a bad checkpoint leaves this optimizer as it was."""
+        if not isinstance(state_dict, dict) or set(state_dict) != {"base", "anderson"}:
+            raise ValueError(
+                "AndersonAcceleration.load_state_dict expects a dict with keys 'base' and "
+                "'anderson' (from AndersonAcceleration.state_dict()); to load a plain "
+                "optimizer's state use .optimizer.load_state_dict()"
+            )
+        saved = state_dict["anderson"]
+        if saved.get("format") != STATE_FORMAT:
+            raise ValueError(
+                f"AndersonAcceleration.load_state_dict: unsupported state format "
+                f"{saved.get('format')!r}; this version reads format {STATE_FORMAT}"
+            )
+        self._sync_parameters()
+        here, there = self._layout.describe(), saved["layout"]
+        mismatched = [key for key in ("n", "world_size", "rank", "sharded") if here[key] != there[key]]
+        if mismatched:
+            raise ValueError(
+                "AndersonAcceleration.load_state_dict: the checkpoint was saved for "
+                + ", ".join(f"{key}={there[key]}" for key in mismatched)
+                + " but this optimizer has "
+                + ", ".join(f"{key}={here[key]}" for key in mismatched)
+            )
+        length = self._pool[0].numel()
+        stored = saved["stored"]
+        if stored is not None and any(tuple(stored[key].shape) != (length,) for key in ("u", "r")):
+            raise ValueError(
+                "AndersonAcceleration.load_state_dict: the stored pair does not match this "
+                f"model's {length} rows"
+            )
+        # Build the new state on the side; commit only once every part has loaded.
+        history = AndersonHistory(self.settings.history, length, self._whole.dtype, self._pool[0].device)
+        history.load_state_dict(saved["history"])
+        average = None
+        if self._average is not None:
+            average = IterateAverage(
+                self._average.window, length, self._average.valid_length,
+                self._average.threshold, self._average.criterion,
+                self._whole.dtype, self._pool[0].device,
+            )
+            if saved["average"] is not None:
+                average.load_state_dict(saved["average"])
+        self.optimizer.load_state_dict(state_dict["base"])
+
+        self._history, self._average = history, average
+        self._stored = None
+        if stored is not None:
+            u, r = self._pool[0], self._pool[1]
+            u.copy_(stored["u"])
+            r.copy_(stored["r"])
+            self._stored = (u, r)
+        old = saved["settings"]
+        old_weight = old["relaxation"] if old["mixing"] == "walker_ni" else 1.0
+        if old_weight != self._dr_weight:  # X and u carry c; re-express them for this beta
+            history.reweight_mixing(old_weight, self._dr_weight)
+            if self._stored is not None:
+                self._stored[0].add_(self._stored[1], alpha=self._dr_weight - old_weight)
+        self.stats = AccelerationStats(**saved["stats"])
+        self._warned_no_closure = bool(saved.get("warned_no_closure", False))
+
+    def __repr__(self) -> str:
+        settings = ", ".join(f"{k}={v!r}" for k, v in self.settings.as_dict().items())
+        layout = self._layout
+        where = f", ranks={layout.world_size}" if layout.world_size > 1 else ""
+        return (
+            f"AndersonAcceleration({type(self.optimizer).__name__}, n={layout.n}{where}, "
+            f"{settings})"
+        )

@@ -1,0 +1,72 @@
+"""Small dense solves of the AA least-squares problem
+
+    g = argmin_g ||r - dR g||^2 + lam ||g||^2
+
+from its h x h summaries. The n-sized passes that build the summaries live in
+:mod:`aadl.kernels`; everything here is O(h^3) on h <= m numbers, done in float64 on the
+CPU (one tiny transfer per acceleration on GPU runs).
+
+Both solvers report the 2-norm condition number of the least-squares matrix
+``[dR; sqrt(lam) I]``, so their estimates are comparable.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+# The Gram route squares the condition number: cond(G) = cond(dR)^2. Past 1e10 (about
+# 1e-6 relative error left in float64) the normal equations are not trusted and the
+# caller falls back to the QR route.
+GRAM_MAX_CONDITION = 1e10
+# Singular values below this fraction of the largest are treated as zero (minimum-norm
+# solution): an exactly collinear history still yields finite coefficients.
+RANK_TOLERANCE = 1e-13
+
+
+@dataclass(frozen=True)
+class LeastSquaresSolution:
+    coefficients: torch.Tensor  # (h,) float64, on the CPU
+    condition: float  # 2-norm condition number of [dR; sqrt(lam) I]
+    method: str  # "gram" or "qr"
+
+
+def solve_normal_equations(
+    gram: torch.Tensor, rhs: torch.Tensor, regularization: float
+) -> LeastSquaresSolution | None:
+    """Solve ``(G + lam I) g = dR^T r``; ``None`` when too ill-conditioned to trust."""
+    system = gram.detach().to("cpu", torch.float64)
+    system = system + regularization * torch.eye(system.shape[0], dtype=torch.float64)
+    if not bool(torch.isfinite(system).all()):
+        return None
+    eigenvalues, eigenvectors = torch.linalg.eigh(system)
+    smallest, largest = float(eigenvalues[0]), float(eigenvalues[-1])
+    if smallest <= 0 or largest <= 0 or largest / smallest > GRAM_MAX_CONDITION:
+        return None
+    projected = eigenvectors.T @ rhs.detach().to("cpu", torch.float64)
+    coefficients = eigenvectors @ (projected / eigenvalues)
+    return LeastSquaresSolution(coefficients, math.sqrt(largest / smallest), "gram")
+
+
+def solve_r_factor(r_factor: torch.Tensor, regularization: float) -> LeastSquaresSolution:
+    """Solve from the R factor of ``[dR, r]`` ((h+1) x (h+1), any row order of the QR)."""
+    r_factor = r_factor.detach().to("cpu", torch.float64)
+    h = r_factor.shape[1] - 1
+    if regularization > 0:
+        # QR of [[R11, z], [sqrt(lam) I, 0]] adds the Tikhonov rows without touching n.
+        penalty = torch.zeros(h, h + 1, dtype=torch.float64)
+        penalty[:, :h] = math.sqrt(regularization) * torch.eye(h, dtype=torch.float64)
+        r_factor = torch.linalg.qr(torch.cat([r_factor, penalty]), mode="r").R
+    matrix, rhs = r_factor[:h, :h], r_factor[:h, h]
+    if not bool(torch.isfinite(r_factor).all()):
+        return LeastSquaresSolution(torch.full((h,), math.nan, dtype=torch.float64), math.inf, "qr")
+    u, singular, vh = torch.linalg.svd(matrix)
+    largest = float(singular[0])
+    keep = singular > RANK_TOLERANCE * largest if largest > 0 else torch.zeros_like(singular, dtype=torch.bool)
+    inverse = torch.where(keep, 1.0 / singular.clamp_min(1e-300), torch.zeros_like(singular))
+    coefficients = vh.T @ (inverse * (u.T @ rhs))
+    smallest = float(singular[-1])
+    condition = largest / smallest if smallest > 0 else math.inf
+    return LeastSquaresSolution(coefficients, condition, "qr")

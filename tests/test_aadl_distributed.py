@@ -1,0 +1,124 @@
+"""Two real processes on gloo: replicated and sharded AA equal one full-batch process."""
+
+import math
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from aadl import AndersonAcceleration
+
+pytestmark = pytest.mark.distributed
+
+WORLD = 2
+STEPS = 12
+CASES = {
+    "replicated average": dict(distributed="replicated", average=True, average_threshold=1e-4),
+    "sharded average": dict(distributed="sharded", average=True, average_threshold=1e-4),
+    "sharded qr beta0.5": dict(distributed="sharded", solver="qr", relaxation=0.5),
+}
+
+
+def full_batch():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 5, generator=gen, dtype=torch.float64)
+    y = torch.sin(x.sum(dim=1, keepdim=True))
+    y[32:] += 2.0 * x[32:, :1]  # the two halves differ, so ranks see different losses
+    return x, y
+
+
+def run(settings, rank=0, world=1):
+    """Train on this rank's half of the batch (the whole batch when world == 1)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(5, 13), torch.nn.Tanh(), torch.nn.Linear(13, 1)
+    ).double()  # n = 92: odd shard boundaries inside a weight matrix
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    x, y = full_batch()
+    rows = slice(rank * 64 // world, (rank + 1) * 64 // world)
+    x, y = x[rows], y[rows]
+    opt = AndersonAcceleration(
+        torch.optim.Adam(model.parameters(), lr=0.05), history=4, **settings
+    )
+    accepted, local_losses = [], []
+    for _ in range(STEPS):
+        loss_fn = lambda: torch.nn.functional.mse_loss(model(x), y)  # noqa: E731
+        calls = []
+
+        def closure():
+            value = loss_fn()
+            calls.append(float(value))
+            return value
+
+        opt.zero_grad()
+        loss_fn().backward()
+        before = opt.stats.aa_accepted
+        opt.step(closure)
+        accepted.append(opt.stats.aa_accepted > before)
+        local_losses.append(calls)
+    params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    return {
+        "params": params,
+        "accepted": accepted,
+        "local_losses": local_losses,
+        "stats": opt.stats.as_dict(),
+        "history_rows": opt._history.X.shape[1],
+    }
+
+
+def _worker(rank, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    try:
+        results = {name: run(settings, rank, WORLD) for name, settings in CASES.items()}
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def distributed_results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist")
+    context = mp.spawn(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 180
+    while not context.join(timeout=1):  # a rank stuck in a collective must not hang CI
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.terminate()
+            pytest.fail("distributed workers did not finish within 180 s (a collective mismatch?)")
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_ranks_match_a_single_full_batch_process(distributed_results, case):
+    single = run(CASES[case])
+    for rank_results in distributed_results:
+        got = rank_results[case]
+        assert torch.allclose(got["params"], single["params"], rtol=1e-6, atol=1e-9)
+        assert got["accepted"] == single["accepted"]
+        assert got["stats"]["aa_attempts"] == single["stats"]["aa_attempts"] == STEPS - 1
+    assert single["stats"]["aa_accepted"] > 0
+    # DDP never re-synchronises parameters, so AA must leave them identical on all ranks.
+    assert torch.equal(distributed_results[0][case]["params"], distributed_results[1][case]["params"])
+
+
+def test_sharded_ranks_hold_half_of_the_history(distributed_results):
+    n = 92
+    assert distributed_results[0]["sharded average"]["history_rows"] == math.ceil(n / WORLD)
+    assert distributed_results[0]["replicated average"]["history_rows"] == n
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_safeguard_decides_alike_on_all_ranks_where_local_losses_disagree(distributed_results, case):
+    r0, r1 = (results[case] for results in distributed_results)
+    assert r0["accepted"] == r1["accepted"]
+    local_votes = [
+        [losses[1] < losses[0] if len(losses) == 2 else None for losses in r["local_losses"]]
+        for r in (r0, r1)
+    ]
+    # The test has teeth: on some step the ranks' own losses pointed different ways.
+    assert any(a != b for a, b in zip(*local_votes))

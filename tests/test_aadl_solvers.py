@@ -1,0 +1,174 @@
+"""Least-squares solvers, the blocked kernels behind them, and gram/qr agreement."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from aadl import AndersonAcceleration, kernels
+from aadl.solvers import GRAM_MAX_CONDITION, solve_normal_equations, solve_r_factor
+from aadl_problems import LogisticProblem, run_wrapper
+
+
+def _least_squares(dR: np.ndarray, r: np.ndarray, lam: float) -> np.ndarray:
+    h = dR.shape[1]
+    A = np.vstack([dR, math.sqrt(lam) * np.eye(h)])
+    return np.linalg.lstsq(A, np.concatenate([r, np.zeros(h)]), rcond=None)[0]
+
+
+@pytest.mark.parametrize("lam", [0.0, 1e-3, 10.0])
+def test_both_solvers_match_dense_least_squares(lam):
+    rng = np.random.default_rng(0)
+    dR = rng.standard_normal((200, 6))
+    r = rng.standard_normal(200)
+    expected = _least_squares(dR, r, lam)
+    gram = torch.tensor(dR.T @ dR)
+    by_gram = solve_normal_equations(gram, torch.tensor(dR.T @ r), lam)
+    rows = torch.tensor(dR.T.copy())
+    by_qr = solve_r_factor(kernels.streaming_r_factor(rows, torch.tensor(r)), lam)
+    np.testing.assert_allclose(by_gram.coefficients.numpy(), expected, rtol=1e-10)
+    np.testing.assert_allclose(by_qr.coefficients.numpy(), expected, rtol=1e-10)
+    # Both report cond([dR; sqrt(lam) I]).
+    expected_condition = np.linalg.cond(np.vstack([dR, math.sqrt(lam) * np.eye(6)]))
+    assert by_gram.condition == pytest.approx(expected_condition, rel=1e-8)
+    assert by_qr.condition == pytest.approx(expected_condition, rel=1e-8)
+
+
+def test_gram_refuses_ill_conditioned_systems_and_qr_returns_minimum_norm():
+    rng = np.random.default_rng(1)
+    column = rng.standard_normal(100)
+    dR = np.stack([column, column, rng.standard_normal(100)], axis=1)  # rank 2
+    r = rng.standard_normal(100)
+    assert solve_normal_equations(torch.tensor(dR.T @ dR), torch.tensor(dR.T @ r), 0.0) is None
+    solution = solve_r_factor(kernels.streaming_r_factor(torch.tensor(dR.T.copy()), torch.tensor(r)), 0.0)
+    expected = np.linalg.lstsq(dR, r, rcond=None)[0]  # minimum-norm solution
+    np.testing.assert_allclose(solution.coefficients.numpy(), expected, rtol=1e-8, atol=1e-12)
+    assert solution.condition == math.inf or solution.condition > GRAM_MAX_CONDITION
+
+
+GRAM_QR_SETTINGS = [
+    dict(history=5),
+    dict(history=3, frequency=2, relaxation=0.5),
+    dict(history=4, frequency=3, store_every=2, regularization=1e-2),
+    dict(history=6, relaxation=0.3, regularization=1e-4, mixing="paper_eq6"),
+    dict(history=2, store_every=3, relaxation=0.8),
+]
+
+
+@pytest.mark.parametrize("settings", GRAM_QR_SETTINGS)
+def test_gram_and_qr_give_the_same_iterates(settings):
+    problem = LogisticProblem(seed=3)
+    by_gram, gram_opt = run_wrapper(problem, 25, solver="gram", **settings)
+    by_qr, _ = run_wrapper(problem, 25, solver="qr", **settings)
+    for k, (a, b) in enumerate(zip(by_gram, by_qr), start=1):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9, err_msg=f"step {k}")
+    assert gram_opt.stats.qr_fallbacks == 0  # the gram route really ran
+
+
+def test_gram_and_qr_agree_in_float32_on_a_network():
+    """float32 parameters, blocks of CPU_BLOCK rows, several worker threads."""
+
+    def run(solver):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(64, 512), torch.nn.Tanh(), torch.nn.Linear(512, 256))
+        x, y = torch.randn(128, 64), torch.randn(128, 256)
+        opt = AndersonAcceleration(
+            torch.optim.SGD(net.parameters(), lr=0.1), history=4, safeguard="none", solver=solver,
+            relaxation=0.5, regularization=1e-6,
+        )
+        for _ in range(8):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(net(x), y).backward()
+            opt.step()
+        return torch.cat([p.detach().reshape(-1) for p in net.parameters()]), opt
+
+    by_gram, gram_opt = run("gram")
+    by_qr, _ = run("qr")
+    assert by_gram.numel() > 2 * kernels.CPU_BLOCK
+    assert gram_opt.stats.qr_fallbacks == 0
+    assert torch.allclose(by_gram, by_qr, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("solver", ["gram", "qr"])
+def test_nearly_collinear_history_keeps_parameters_finite(solver):
+    """A nearly constant gradient makes every dR column tiny and nearly parallel."""
+    w = torch.ones(50, dtype=torch.float32, requires_grad=True)
+    direction = torch.linspace(1, 2, 50)
+    opt = AndersonAcceleration(torch.optim.SGD([w], lr=0.1), history=5, safeguard="none", solver=solver)
+    for _ in range(20):
+        opt.zero_grad()
+        (direction @ w + 1e-7 * (w**2).sum()).backward()
+        opt.step()
+        assert torch.isfinite(w).all()
+    assert opt.stats.aa_attempts == 19
+    assert opt.stats.last_condition > 1e3  # the system really was ill-conditioned
+
+
+def test_exactly_zero_history_is_rejected_not_nan():
+    """A constant residual gives dR = 0: g is the minimum-norm 0 and w stays finite."""
+    w = torch.zeros(10, dtype=torch.float64, requires_grad=True)
+    opt = AndersonAcceleration(torch.optim.SGD([w], lr=0.5), history=3, safeguard="none")
+    for _ in range(6):
+        opt.zero_grad()
+        w.sum().backward()
+        opt.step()
+    assert torch.allclose(w.detach(), torch.full((10,), -3.0, dtype=torch.float64))
+    assert opt.stats.last_g_norm == 0.0
+
+
+def test_incremental_gram_equals_recomputed_after_ring_wraps():
+    problem = LogisticProblem(seed=4)
+    _, opt = run_wrapper(problem, 17, history=4, store_every=1)
+    history = opt._history
+    assert len(history) == 4 and opt.stats.steps > 4 + 4  # wrapped at least once
+    dR = history.dR[:4]
+    np.testing.assert_allclose(history.gram[:4, :4].numpy(), (dR @ dR.T).numpy(), rtol=1e-12)
+
+
+def test_blocked_dot_products_are_float64_accurate_and_thread_independent():
+    gen = torch.Generator().manual_seed(0)
+    n = 5 * kernels.CPU_BLOCK + 123
+    rows = torch.randn(6, n, generator=gen) * 1e-3 + 2e-4
+    vectors = [torch.randn(n, generator=gen), rows[2]]
+    exact = rows.double() @ torch.stack(vectors, dim=1).double()
+    scale = rows.double().norm(dim=1)[:, None] * torch.stack(vectors).double().norm(dim=1)[None, :]
+    result = kernels.row_dots(rows, vectors)
+    assert float(((result - exact).abs() / scale).max()) < 1e-8  # float32 unit roundoff is 6e-8
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = kernels.row_dots(rows, vectors)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(result, single)
+
+
+def test_mix_and_statistics_kernels_match_dense_formulas():
+    gen = torch.Generator().manual_seed(1)
+    n = 3 * kernels.CPU_BLOCK + 7
+    rows, base, shift = torch.randn(4, n, generator=gen), torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+    g = torch.randn(4, dtype=torch.float64, generator=gen)
+    out = torch.empty(n)
+    total = kernels.mix(out, base, rows, g, shift, -0.25)
+    expected = base - 0.25 * shift - rows.T @ g.float()
+    assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5)
+    assert float(total) == pytest.approx(float(out.double().sum()), rel=1e-9)
+    bad = base.clone()
+    bad[n - 1] = math.nan
+    assert not math.isfinite(float(kernels.mix(out, bad, rows, g)))
+
+    buffer = torch.randn(5, n, generator=gen)
+    std, mean = kernels.max_entry_spread(buffer, correction=0)
+    assert std == pytest.approx(float(buffer.var(dim=0, correction=0).max().sqrt()), rel=1e-5)
+    assert mean == pytest.approx(float(buffer.mean(dim=0).max()), rel=1e-5)
+    assert torch.allclose(kernels.row_mean(buffer, torch.empty(n)), buffer.mean(dim=0), atol=1e-6)
+
+
+def test_streaming_r_factor_reproduces_the_gram_matrix():
+    gen = torch.Generator().manual_seed(2)
+    n = 2 * kernels.CPU_BLOCK + 11
+    rows, vector = torch.randn(3, n, generator=gen), torch.randn(n, generator=gen)
+    r = kernels.streaming_r_factor(rows, vector)
+    A = torch.cat([rows.T, vector[:, None]], dim=1).double()
+    assert torch.allclose(r.T @ r, A.T @ A, rtol=1e-10)
