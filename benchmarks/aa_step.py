@@ -1,0 +1,208 @@
+"""Cost of one AADL step against its memory-bound floor.
+
+    python benchmarks/aa_step.py                 # n in {1e6, 25.6e6}, m in {10, 20}, CPU
+    python benchmarks/aa_step.py --quick         # n = 1e6, m = 10: seconds, for a smoke run
+    python benchmarks/aa_step.py --device cuda   # on a GPU machine
+
+For each (n, m), float32, it times (median of --repeats, after the history is full):
+  adam        one step of torch.optim.Adam alone (the base optimizer)
+  read        a plain read of the history buffers (a sum over X and dR): the floor for
+              anything that must touch the history once
+  p1 gram/qr  one AndersonAcceleration(Adam) step accelerating every step (p = q = 1)
+  p5 gram/qr  the same amortised over p = 5 (q = 1)
+and prints the ratios to `read` and to `adam`, and the peak memory of each variant against
+the target 2 m n + 6 n floats + Adam's state (2 n): parameters, gradients, the four
+n-vectors the wrapper keeps, and the history. The safeguard's closure is left out (it
+costs forward passes of the user's model, not AA work): safeguard="none".
+
+Targets on a 2-core CPU at n = 25.6e6, m = 20: p1 gram <= 2.5 x read; peak within target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+FLOAT_BYTES = 4
+VARIANTS = {
+    "adam": None,
+    "p1 gram": dict(frequency=1, solver="gram"),
+    "p1 qr": dict(frequency=1, solver="qr"),
+    "p5 gram": dict(frequency=5, solver="gram"),
+    "p5 qr": dict(frequency=5, solver="qr"),
+}
+
+
+def _rss_peak_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _reset_rss_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def measure(n: int, m: int, device: str, repeats: int) -> dict:
+    """Run in a fresh process: every variant for one (n, m); timings and peak memory."""
+    import torch
+
+    from aadl import AndersonAcceleration
+
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def peak_start():
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            return torch.cuda.memory_allocated()
+        _reset_rss_peak()
+        return _rss_peak_bytes()
+
+    def peak_since(start):
+        if dev.type == "cuda":
+            return torch.cuda.max_memory_allocated() - start
+        return _rss_peak_bytes() - start
+
+    # One-time costs (thread pools, BLAS workspaces, lazy torch init) are not per-step
+    # memory: pay them on a small problem first.
+    warm = [torch.nn.Parameter(torch.zeros(4 * 32768, device=dev))]
+    warm[0].grad = torch.ones_like(warm[0])
+    for solver in ("gram", "qr"):
+        warm_opt = AndersonAcceleration(torch.optim.Adam(warm), history=2, solver=solver, safeguard="none")
+        for _ in range(4):
+            warm_opt.step()
+    del warm, warm_opt
+
+    baseline = peak_start()
+    results = {}
+    for name, settings in VARIANTS.items():
+        # Four parameters of unequal size, like the layers of a network.
+        sizes = [n // 2, n // 4, n // 8, n - n // 2 - n // 4 - n // 8]
+        params = [torch.nn.Parameter(torch.randn(s, device=dev).mul_(0.1)) for s in sizes]
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        base = torch.optim.Adam(params, lr=1e-3)
+        opt = base if settings is None else AndersonAcceleration(
+            base, history=m, store_every=1, safeguard="none", **settings
+        )
+
+        def one_step():
+            with torch.no_grad():
+                for p in params:  # gradient of 0.5 * 0.01 * |w|^2 + a constant pull
+                    torch.add(p, 1e-3, alpha=1.0, out=p.grad).mul_(1e-2)
+            sync()
+            start = time.perf_counter()
+            opt.step()
+            sync()
+            return time.perf_counter() - start
+
+        for _ in range(m + 2):  # fill the history (and Adam's state)
+            one_step()
+        period = settings["frequency"] if settings else 1
+        timings = [sum(one_step() for _ in range(period)) / period for _ in range(repeats)]
+        results[name] = statistics.median(timings)
+        if settings is not None and settings["frequency"] == 1 and settings["solver"] == "gram":
+            history = opt._history
+
+            def read():
+                sync()
+                start = time.perf_counter()
+                float(history.X.sum()) + float(history.dR.sum())
+                sync()
+                return time.perf_counter() - start
+
+            read()
+            results["read"] = statistics.median(read() for _ in range(repeats))
+        results[f"{name} peak_bytes"] = peak_since(baseline)
+        del opt, base, params
+        baseline = peak_start()
+    return results
+
+
+def _run_child(n: int, m: int, device: str, repeats: int) -> dict:
+    command = [sys.executable, __file__, "--child", json.dumps([n, m, device, repeats])]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    out = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--sizes", type=float, nargs="+", default=[1e6, 25.6e6])
+    parser.add_argument("--histories", type=int, nargs="+", default=[10, 20])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="n = 1e6, m = 10, 3 repeats")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(*json.loads(args.child))))
+        return
+    if args.quick:
+        args.sizes, args.histories, args.repeats = [1e6], [10], 3
+
+    import torch
+
+    print(
+        f"AADL step benchmark: torch {torch.__version__}, device {args.device}, "
+        f"{torch.get_num_threads()} CPU threads, float32, median of {args.repeats}"
+    )
+    header = (
+        f"{'n':>9} {'m':>3} | {'adam':>8} {'read':>8} | "
+        + " ".join(f"{v:>8}" for v in VARIANTS if v != "adam")
+        + " | " + " ".join(f"{v + '/read':>12}" for v in VARIANTS if v != "adam")
+        + f" | {'p1 gram/adam':>12} | {'peak MB (p1 gram / target)':>27}"
+    )
+    print(header)
+    print("-" * len(header))
+    verdicts = []
+    for n_float in args.sizes:
+        n = int(n_float)
+        for m in args.histories:
+            r = _run_child(n, m, args.device, args.repeats)
+            target = (2 * m * n + 6 * n + 2 * n) * FLOAT_BYTES
+            peak = max(r[f"{v} peak_bytes"] for v in VARIANTS if v != "adam")
+            accel = [v for v in VARIANTS if v != "adam"]
+            print(
+                f"{n:>9.3g} {m:>3} | {r['adam']:>7.4f}s {r['read']:>7.4f}s | "
+                + " ".join(f"{r[v]:>7.4f}s" for v in accel)
+                + " | " + " ".join(f"{r[v] / r['read']:>11.2f}x" for v in accel)
+                + f" | {r['p1 gram'] / r['adam']:>11.1f}x"
+                + f" | {peak / 2**20:>9.0f} / {target / 2**20:<9.0f}"
+                + ("ok" if peak <= target else "OVER")
+            )
+            if n == int(25.6e6) and m == 20:
+                verdicts.append(
+                    f"target p1 gram <= 2.5 x read: {r['p1 gram'] / r['read']:.2f}x "
+                    + ("met" if r["p1 gram"] <= 2.5 * r["read"] else "NOT met")
+                )
+                verdicts.append(
+                    f"target peak <= 2mn + 6n + Adam state ({target / 2**20:.0f} MB): "
+                    f"{peak / 2**20:.0f} MB " + ("met" if peak <= target else "NOT met")
+                )
+    print("\n".join(verdicts))
+    print(
+        "peak: resident-set high-water mark above the process's state before the variant "
+        "(parameters, gradients, optimizer state and every temporary)"
+    )
+
+
+if __name__ == "__main__":
+    main()
