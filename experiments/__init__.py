@@ -1,0 +1,1 @@
+"""Reproduction harness for "Stable Anderson Acceleration for Deep Learning"."""

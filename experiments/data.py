@@ -1,0 +1,280 @@
+"""Data sets the problems read, checked on load, and a command to fetch them.
+
+    python -m experiments.data download graduate_admissions --root data
+    python -m experiments.data verify graduate_admissions --root data
+
+Files live at ``<data root>/<data set name>/<file name>``. The data root comes from the
+config (``data.root``, default ``$AADL_DATA_ROOT`` or ``data``). Loading checks shape,
+column names and value ranges, and says which file is wrong, what is wrong and how to get
+the right one. A download is verified further by a checksum of the parsed values, so line
+endings and header spacing cannot change it but a different file cannot pass either.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import tempfile
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+class DatasetError(Exception):
+    """A data file is missing or is not the expected one; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class TabularDataset:
+    name: str  # directory under the data root, and the name on the command line
+    filename: str
+    title: str
+    source: str  # where a person can get the file by hand
+    urls: tuple[str, ...]  # public mirrors tried in order by `download`
+    columns: tuple[str, ...]  # header names after stripping spaces, in file order
+    dropped: tuple[str, ...]  # columns read but not used (e.g. a row number)
+    target: str
+    rows: int
+    ranges: dict[str, tuple[float, float]]  # inclusive valid range per used column
+    checksum: str  # values_checksum of the published file
+    known_impostors: dict[int, str] = field(default_factory=dict)  # row count -> what it is
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        return tuple(c for c in self.columns if c not in self.dropped and c != self.target)
+
+    def path(self, root: Path | str) -> Path:
+        return Path(root) / self.name / self.filename
+
+
+GRADUATE_ADMISSIONS = TabularDataset(
+    name="graduate_admissions",
+    filename="Admission_Predict_Ver1.1.csv",
+    title="Graduate Admissions (Acharya et al. 2019), version 1.1",
+    source="https://www.kaggle.com/datasets/mohansacharya/graduate-admissions",
+    # Copies of the Kaggle file in public GitHub repositories, pinned to a commit so they
+    # cannot change under us. Many copies online are edited (renamed or extra columns,
+    # appended rows); the checksum rejects those, whatever their line endings or headers.
+    urls=(
+        "https://raw.githubusercontent.com/SwatantraJain-02/Admission-Prediction/"
+        "994c229a9e879738975ba899d97855224dd7ec5e/Admission_Predict_Ver1.1.csv",
+        "https://raw.githubusercontent.com/dannyzhang1020/Admission-Correlations/"
+        "508acaf1e07b2457b4d6454a26243b4fa7980539/Admission_Predict_Ver1.1.csv",
+    ),
+    columns=(
+        "Serial No.",
+        "GRE Score",
+        "TOEFL Score",
+        "University Rating",
+        "SOP",
+        "LOR",
+        "CGPA",
+        "Research",
+        "Chance of Admit",
+    ),
+    dropped=("Serial No.",),
+    target="Chance of Admit",
+    rows=500,
+    ranges={
+        "GRE Score": (260, 340),
+        "TOEFL Score": (0, 120),
+        "University Rating": (1, 5),
+        "SOP": (1, 5),
+        "LOR": (1, 5),
+        "CGPA": (0, 10),
+        "Research": (0, 1),
+        "Chance of Admit": (0, 1),
+    },
+    checksum="308545cfa21c47179f8c0a955a74afbf3fc82337f9475ffe4faa1a0efaf691c1",
+    known_impostors={400: "Admission_Predict.csv (version 1.0 of the data set, 400 rows)"},
+)
+
+DATASETS: dict[str, TabularDataset] = {GRADUATE_ADMISSIONS.name: GRADUATE_ADMISSIONS}
+
+
+@dataclass(frozen=True)
+class Table:
+    features: np.ndarray  # float64, rows x len(spec.features)
+    target: np.ndarray  # float64, rows
+    path: Path
+    checksum: str
+    published: bool  # the values are those of the published file
+
+
+def values_checksum(frame: pd.DataFrame, spec: TabularDataset) -> str:
+    """SHA-256 of the used columns' values, each written with 6 decimals.
+
+    Computed on parsed numbers, so CRLF/LF, header spacing and float formatting ("8" vs
+    "8.0") do not change it; any changed, added, removed or reordered value does.
+    """
+    used = [c for c in spec.columns if c not in spec.dropped]
+    text = "\n".join(",".join(f"{x:.6f}" for x in row) for row in frame[used].to_numpy(float))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def read_table(path: Path | str, spec: TabularDataset) -> pd.DataFrame:
+    """Read and check ``path`` as ``spec``; raise :class:`DatasetError` naming what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise _dataset_error(spec, path, "the file does not exist")
+    try:
+        frame = pd.read_csv(path, skipinitialspace=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise _dataset_error(spec, path, f"it cannot be read as CSV ({error})") from None
+    # The published file has trailing spaces in two headers ("LOR ", "Chance of Admit ").
+    frame.columns = [str(c).strip() for c in frame.columns]
+
+    missing = [c for c in spec.columns if c not in frame.columns]
+    unexpected = [c for c in frame.columns if c not in spec.columns]
+    if missing or unexpected:
+        problems = []
+        if missing:
+            problems.append(f"missing column(s) {missing}")
+        if unexpected:
+            problems.append(f"unexpected column(s) {unexpected}")
+        raise _dataset_error(spec, path, "; ".join(problems))
+
+    if len(frame) != spec.rows:
+        what = f"it has {len(frame)} data rows, expected {spec.rows}"
+        if len(frame) in spec.known_impostors:
+            what += f": this looks like {spec.known_impostors[len(frame)]}"
+        elif len(frame) < spec.rows:
+            what += ": the file looks truncated"
+        raise _dataset_error(spec, path, what)
+
+    used = [c for c in spec.columns if c not in spec.dropped]
+    numbers = frame[used].apply(pd.to_numeric, errors="coerce")
+    bad = numbers.isna()
+    if bad.to_numpy().any():
+        row, column = next(zip(*np.nonzero(bad.to_numpy())))
+        raise _dataset_error(
+            spec,
+            path,
+            f"{int(bad.to_numpy().sum())} missing or non-numeric value(s), the first in "
+            f"column {used[column]!r} of data row {row + 1}",
+        )
+    for column, (low, high) in spec.ranges.items():
+        values = numbers[column]
+        outside = values[(values < low) | (values > high)]
+        if len(outside):
+            raise _dataset_error(
+                spec,
+                path,
+                f"column {column!r} has {len(outside)} value(s) outside [{low}, {high}], "
+                f"e.g. {outside.iloc[0]!r} in data row {outside.index[0] + 1}",
+            )
+    frame[used] = numbers
+    return frame
+
+
+def load_table(root: Path | str, spec: TabularDataset) -> Table:
+    """The checked features and target of ``spec`` under the data root ``root``."""
+    path = spec.path(root)
+    frame = read_table(path, spec)
+    checksum = values_checksum(frame, spec)
+    return Table(
+        features=frame[list(spec.features)].to_numpy(np.float64),
+        target=frame[spec.target].to_numpy(np.float64),
+        path=path,
+        checksum=checksum,
+        published=checksum == spec.checksum,
+    )
+
+
+def download(spec: TabularDataset, root: Path | str, *, urls: tuple[str, ...] | None = None, force: bool = False) -> Path:
+    """Fetch ``spec`` into ``root``, verified by row count, columns and checksum.
+
+    An existing file that passes verification is kept unless ``force``. The file is written
+    to a temporary name and renamed, so an interrupted download leaves nothing behind.
+    """
+    target = spec.path(root)
+    if target.exists() and not force:
+        try:
+            verify(spec, root)
+            return target
+        except DatasetError:
+            pass  # replace a wrong or damaged file
+    failures = []
+    for url in urls or spec.urls:
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response:
+                payload = response.read()
+        except OSError as error:
+            failures.append(f"{url}: {error}")
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp_name = tempfile.mkstemp(dir=target.parent, prefix=".download-", suffix=".csv")
+        temp = Path(temp_name)
+        try:
+            with os.fdopen(handle, "wb") as out:
+                out.write(payload)
+            _verify_file(spec, temp)
+            os.replace(temp, target)
+            return target
+        except DatasetError as error:
+            failures.append(f"{url}: {str(error).splitlines()[0]}")
+        finally:
+            temp.unlink(missing_ok=True)
+    raise DatasetError(
+        f"could not download {spec.filename}:\n  " + "\n  ".join(failures)
+        + f"\nDownload it by hand from {spec.source} and place it at {target}."
+    )
+
+
+def verify(spec: TabularDataset, root: Path | str) -> Path:
+    """Check the file under ``root`` completely, checksum included; return its path."""
+    path = spec.path(root)
+    _verify_file(spec, path)
+    return path
+
+
+def _verify_file(spec: TabularDataset, path: Path) -> None:
+    checksum = values_checksum(read_table(path, spec), spec)
+    if checksum != spec.checksum:
+        raise _dataset_error(
+            spec, path, f"its values differ from the published file (checksum {checksum[:12]}...)"
+        )
+
+
+def _dataset_error(spec: TabularDataset, path: Path, what: str) -> DatasetError:
+    root = path.parent.parent
+    return DatasetError(
+        f"{path}: {what}.\n"
+        f"Expected {spec.title}: {spec.rows} data rows with columns {list(spec.columns)}.\n"
+        f"Get it with:  python -m experiments.data download {spec.name} --root {root}\n"
+        f"or download {spec.filename} from {spec.source} and place it at {path}.\n"
+        "The data root is the config key data.root (default: $AADL_DATA_ROOT, else ./data)."
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.data", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for command, help_text in (("download", "fetch and verify a data set"), ("verify", "check a data set already on disk")):
+        sub = commands.add_parser(command, help=help_text)
+        sub.add_argument("dataset", choices=sorted(DATASETS))
+        sub.add_argument("--root", default=os.environ.get("AADL_DATA_ROOT", "data"), help="data root (default: $AADL_DATA_ROOT or ./data)")
+        if command == "download":
+            sub.add_argument("--url", action="append", help="fetch from this URL instead of the built-in mirrors (repeatable)")
+            sub.add_argument("--force", action="store_true", help="download even if a verified file is present")
+    args = parser.parse_args(argv)
+    spec = DATASETS[args.dataset]
+    try:
+        if args.command == "download":
+            path = download(spec, args.root, urls=tuple(args.url) if args.url else None, force=args.force)
+        else:
+            path = verify(spec, args.root)
+    except DatasetError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"{path}: ok ({spec.rows} rows, checksum verified)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""The interface every problem implements (see docs/architecture.md).
+
+A problem is one module plus one config file. It owns data, model, loss and evaluation for
+one seed; the training loop (experiments/training.py) owns optimisation, schedules, logging
+and results.
+"""
+
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+from typing import Any, ClassVar, Iterable
+
+import torch
+
+#: "epoch": the budget is ``train.epochs`` and one unit is a shuffled pass over the training
+#: set; "iteration": the budget is ``train.iterations`` and one unit is exactly one batch.
+BUDGET_UNITS = ("epoch", "iteration")
+
+
+class Problem(abc.ABC):
+    name: ClassVar[str]  # experiment name, e.g. "graduate_admissions"
+    budget_unit: ClassVar[str]  # one of BUDGET_UNITS
+    Config: ClassVar[type]  # dataclass for this problem's ``problem.*`` config section
+
+    def __init__(self, cfg: Any, *, data_root: Path, seed: int, device: torch.device):
+        self.cfg = cfg
+        self.data_root = Path(data_root)
+        self.seed = seed
+        self.device = device
+
+    @abc.abstractmethod
+    def build_model(self) -> torch.nn.Module:
+        """A freshly initialised model on ``self.device`` (the caller seeds torch first)."""
+
+    @abc.abstractmethod
+    def batches(self, unit: int) -> Iterable[Any]:
+        """Batches of one budget unit: a shuffled pass over the training set for "epoch",
+        exactly one batch for "iteration"."""
+
+    @abc.abstractmethod
+    def loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        """Scalar training loss; must also work under torch.no_grad() (safeguard closure)."""
+
+    @abc.abstractmethod
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """Validation metrics; always contains "val_loss"."""
+
+    def notes(self) -> list[str]:
+        """Lines written to the run's log and metadata (e.g. the ReLU caveat)."""
+        return []

@@ -1,0 +1,117 @@
+"""Graduate admissions regression (the paper's Fig. 1): an MLP predicting the chance of
+admission from 7 features, trained with MSE.
+
+Data: ``<data root>/graduate_admissions/Admission_Predict_Ver1.1.csv`` (500 rows). A fixed
+80/20 split (``problem.split_seed``, the same for every run seed) and features standardised
+with the training split's mean and standard deviation; the target is left in its units, so
+the validation MSE is comparable with the paper's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from experiments.config import require
+from experiments.data import GRADUATE_ADMISSIONS, load_table
+from experiments.problems.base import Problem
+
+ACTIVATIONS = {"relu": torch.nn.ReLU, "tanh": torch.nn.Tanh}
+
+
+@dataclass
+class GraduateAdmissionsConfig:
+    batch_size: int = 40
+    validation_fraction: float = 0.2
+    split_seed: int = 0  # fixes the train/validation split for every run seed
+    hidden_layers: int = 3
+    width: int = 64
+    activation: str = "relu"
+
+    def __post_init__(self) -> None:
+        require(self.batch_size >= 1, "problem.batch_size", "must be an integer >= 1", self.batch_size)
+        require(
+            0 < self.validation_fraction < 1,
+            "problem.validation_fraction",
+            "must be in (0, 1)",
+            self.validation_fraction,
+        )
+        require(self.split_seed >= 0, "problem.split_seed", "must be an integer >= 0", self.split_seed)
+        require(self.hidden_layers >= 1, "problem.hidden_layers", "must be an integer >= 1", self.hidden_layers)
+        require(self.width >= 1, "problem.width", "must be an integer >= 1", self.width)
+        require(
+            self.activation in ACTIVATIONS,
+            "problem.activation",
+            f"must be one of {sorted(ACTIVATIONS)}",
+            self.activation,
+        )
+
+
+class GraduateAdmissions(Problem):
+    name = "graduate_admissions"
+    budget_unit = "epoch"
+    Config = GraduateAdmissionsConfig
+
+    def __init__(self, cfg: GraduateAdmissionsConfig, *, data_root: Path, seed: int, device: torch.device):
+        super().__init__(cfg, data_root=data_root, seed=seed, device=device)
+        table = load_table(data_root, GRADUATE_ADMISSIONS)
+        self._table = table
+        order = np.random.default_rng(cfg.split_seed).permutation(len(table.target))
+        n_validation = int(round(cfg.validation_fraction * len(order)))
+        train_rows, validation_rows = order[n_validation:], order[:n_validation]
+        mean = table.features[train_rows].mean(axis=0)
+        std = table.features[train_rows].std(axis=0)
+        standardised = (table.features - mean) / std
+
+        def as_tensor(array: np.ndarray) -> torch.Tensor:
+            return torch.as_tensor(array, dtype=torch.float32, device=device)
+
+        self.x_train, self.y_train = as_tensor(standardised[train_rows]), as_tensor(table.target[train_rows])
+        self.x_val, self.y_val = as_tensor(standardised[validation_rows]), as_tensor(table.target[validation_rows])
+        # Shuffling has its own generator so that it depends on the run seed only.
+        self._shuffle = torch.Generator(device="cpu").manual_seed(seed)
+
+    def build_model(self) -> torch.nn.Module:
+        layers: list[torch.nn.Module] = []
+        width_in = self.x_train.shape[1]
+        for _ in range(self.cfg.hidden_layers):
+            layers += [torch.nn.Linear(width_in, self.cfg.width), ACTIVATIONS[self.cfg.activation]()]
+            width_in = self.cfg.width
+        layers.append(torch.nn.Linear(width_in, 1))
+        return torch.nn.Sequential(*layers).to(self.device)
+
+    def batches(self, unit: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(len(self.y_train), generator=self._shuffle).to(self.device)
+        for start in range(0, len(order), self.cfg.batch_size):
+            rows = order[start : start + self.cfg.batch_size]
+            yield self.x_train[rows], self.y_train[rows]
+
+    def loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        features, target = batch
+        return torch.nn.functional.mse_loss(model(features).squeeze(-1), target)
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        # The whole validation split in one batch: the MSE is over all of it, not a mean of
+        # per-batch means.
+        prediction = model(self.x_val).squeeze(-1)
+        mse = torch.nn.functional.mse_loss(prediction, self.y_val).item()
+        variance = torch.var(self.y_val, unbiased=False).item()
+        return {"val_loss": mse, "val_r2": 1.0 - mse / variance}
+
+    def notes(self) -> list[str]:
+        notes = [
+            f"graduate admissions: {len(self.y_train)} training / {len(self.y_val)} validation rows "
+            f"(split seed {self.cfg.split_seed}), features standardised on the training split",
+            f"data: {self._table.path} (values checksum {self._table.checksum[:12]})",
+        ]
+        if not self._table.published:
+            notes.append(
+                "WARNING: the data's values differ from the published file; results are not "
+                "comparable with the paper (python -m experiments.data verify graduate_admissions)"
+            )
+        return notes

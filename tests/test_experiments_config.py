@@ -1,0 +1,156 @@
+"""Config composition for every preset, and bad values rejected with the key named."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from conftest import CONFIG_DIR
+from experiments.config import ConfigError, validate
+
+EXPERIMENT_CONFIGS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+PAPER_PRESETS = sorted(p.stem for p in (CONFIG_DIR / "paper").glob("*.yaml"))
+
+
+def test_default_config_is_the_papers_graduate_admissions_setup(compose):
+    run = validate(compose())
+    cfg = run.config
+    assert (cfg.experiment, run.variant, run.budget) == ("graduate_admissions", "Adam", cfg.train.epochs)
+    assert cfg.optimizer.name == "adam" and cfg.optimizer.lr == 0.02
+    assert cfg.schedule.milestones == [1000] and cfg.schedule.gamma == pytest.approx(0.2)
+    assert run.problem_config.batch_size == 40 and run.problem_config.hidden_layers == 3
+    assert run.problem_config.width == 64 and run.problem_config.activation == "relu"
+    assert cfg.train.epochs > 1000, "the paper drops the learning rate at epoch 1,000"
+    # The paper's p, q, m, beta, eps for Fig. 1.
+    accel = cfg.accel
+    assert (accel.frequency, accel.store_every, accel.history) == (1, 1, 10)
+    assert (accel.relaxation, accel.average_threshold) == (0.1, 0.1)
+
+
+@pytest.mark.parametrize(
+    "choice, variant, average",
+    [("none", "Adam", False), ("aadl", "Adam+AADL", False), ("aadl_ma", "Adam+AADL+MA", True)],
+)
+def test_accel_group_selects_the_variant(compose, choice, variant, average):
+    run = validate(compose(f"accel={choice}"))
+    assert run.variant == variant
+    assert run.config.accel.enabled is (choice != "none")
+    assert run.config.accel.average is average
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENT_CONFIGS)
+@pytest.mark.parametrize("accel", ["none", "aadl", "aadl_ma"])
+def test_every_experiment_composes_and_validates(compose, experiment, accel):
+    run = validate(compose(f"experiment={experiment}", f"accel={accel}"))
+    assert run.config.experiment == experiment
+    assert run.budget >= 1
+
+
+@pytest.mark.parametrize("preset", PAPER_PRESETS)
+def test_every_paper_preset_composes_and_validates(compose, preset):
+    cfg = compose(f"+paper={preset}", return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert set(params["accel"].split(",")) == {"none", "aadl", "aadl_ma"}
+    assert "seed" in params
+    for accel in ("none", "aadl", "aadl_ma"):
+        validate(compose(f"+paper={preset}", f"accel={accel}"))
+
+
+def test_fig1_preset_sweeps_three_variants_over_seeds_0_to_19_in_parallel(compose):
+    cfg = compose("+paper=fig1", return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert sorted(params["accel"].split(",")) == ["aadl", "aadl_ma", "none"] and params["seed"] == "range(0,20)"
+    assert cfg.hydra.launcher._target_.endswith("JoblibLauncher")
+    assert cfg.hydra.launcher.n_jobs == -1  # one process per core
+    assert cfg.output.name == "fig1" and cfg.experiment == "graduate_admissions"
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [("history", 20), ("frequency", 5), ("store_every", 5), ("relaxation", 0.5), ("regularization", 1e-6),
+     ("warmup", 3), ("average_window", 4), ("average_threshold", 0.2), ("average_criterion", "reference_code"),
+     ("safeguard", "none"), ("solver", "qr"), ("mixing", "paper_eq6"), ("distributed", "sharded")],
+)
+def test_every_contract_hyperparameter_is_overridable(compose, name, value):
+    run = validate(compose("accel=aadl_ma", f"accel.{name}={value}"))
+    assert getattr(run.config.accel, name) == value
+    assert run.config.accel.settings()[name] == value  # what the wrapper receives
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("accel.history=0", "accel.history"),
+        ("accel.frequency=0", "accel.frequency"),
+        ("accel.relaxation=1.5", "accel.relaxation"),
+        ("accel.relaxation=0", "accel.relaxation"),
+        ("accel.regularization=-1", "accel.regularization"),
+        ("accel.average_threshold=0", "accel.average_threshold"),
+        ("accel.average_window=1", "accel.average_window"),
+        ("accel.solver=svd", "accel.solver"),
+        ("accel.safeguard=maybe", "accel.safeguard"),
+        ("seed=-1", "seed"),
+        ("train.epochs=0", "train.epochs"),
+        ("train.iterations=100", "train.iterations"),
+        ("train.eval_every=0", "train.eval_every"),
+        ("train.device=tpu", "train.device"),
+        ("optimizer.name=rmsprop", "optimizer.name"),
+        ("optimizer.lr=-0.1", "optimizer.lr"),
+        ("optimizer.momentum=0.9", "optimizer.momentum"),  # does not apply to Adam
+        ("optimizer.betas=[0.9,1.5]", "optimizer.betas"),
+        ("schedule.gamma=0", "schedule.gamma"),
+        ("schedule.milestones=[500,100]", "schedule.milestones"),
+        ("schedule.every=500", "schedule.every"),  # combined with milestones
+        ("schedule.warmup_mode=cosine", "schedule.warmup_mode"),
+        ("problem.batch_size=0", "problem.batch_size"),
+        ("problem.activation=gelu", "problem.activation"),
+        ("problem.validation_fraction=1.0", "problem.validation_fraction"),
+        ("+problem.depth=3", "problem.depth"),
+        ("problem.width=wide", "problem.width"),
+    ],
+)
+def test_out_of_range_values_are_rejected_naming_the_key(compose, override, key):
+    with pytest.raises(ConfigError) as error:
+        validate(compose("accel=aadl_ma", override))
+    assert error.value.key == key
+    assert str(error.value).startswith(f"{key}: ")
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [("accel.histroy=3", "accel.histroy"), ("accel.history=abc", "accel.history"), ("train.epoch=5", "train.epoch")],
+)
+def test_typos_and_wrong_types_are_rejected_while_composing(compose, override, named):
+    with pytest.raises(ConfigCompositionException) as error:
+        compose(override)
+    assert named in str(error.value) + str(error.value.__cause__)
+
+
+def test_sgd_with_nesterov_momentum_and_warmup_is_expressible(compose):
+    """The ImageNet row of the paper table: SGD Nesterov 0.9, warm-up, /10 at 30, 60, 80."""
+    run = validate(
+        compose(
+            "optimizer.name=sgd", "optimizer.lr=0.98", "optimizer.momentum=0.9", "optimizer.nesterov=true",
+            "optimizer.weight_decay=5e-5", "schedule.milestones=[30,60,80]", "schedule.gamma=0.1",
+            "schedule.warmup=5", "schedule.warmup_start_lr=0.05", "accel=aadl",
+        )
+    )
+    assert run.variant == "SGD+AADL"
+
+
+def test_run_identity_ignores_seed_and_paths_but_not_hyperparameters(compose):
+    base = validate(compose("accel=aadl"))
+    assert validate(compose("accel=aadl", "seed=7", "output.root=/elsewhere", "data.root=/data")).config_id == base.config_id
+    assert validate(compose("accel=aadl", "accel.history=5")).config_id != base.config_id
+    assert validate(compose("accel=aadl", "train.epochs=10")).config_id != base.config_id
+    # Without acceleration the Anderson hyperparameters do not change what runs.
+    plain = validate(compose("accel=none"))
+    assert validate(compose("accel=none", "accel.history=5")).config_id == plain.config_id
+
+
+def test_data_root_defaults_to_the_environment_variable(compose, monkeypatch):
+    monkeypatch.setenv("AADL_DATA_ROOT", "/from/env")
+    assert validate(compose()).config.data.root == "/from/env"
+    assert validate(compose("data.root=/explicit")).config.data.root == "/explicit"
+    monkeypatch.delenv("AADL_DATA_ROOT")
+    assert validate(compose()).config.data.root == "data"

@@ -1,0 +1,191 @@
+"""Short real runs through the driver: run directories, metrics.csv schema, completeness,
+skipping, determinism, and interrupted runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import REPO_ROOT
+from experiments.aggregate import load_results
+from experiments.config import ACCEL_HYPERPARAMETERS
+from experiments.problems.graduate_admissions import GraduateAdmissions
+from experiments.results import COMPLETE_FILE, METRICS_COLUMNS, RunDirectory
+from experiments.run import execute
+
+EPOCHS = 3
+
+
+@pytest.fixture
+def short_run(compose, data_root, tmp_path):
+    """``short_run(*overrides)``: a 3-epoch graduate-admissions run under tmp_path."""
+
+    def _run(*overrides: str, worker: bool = False):
+        cfg = compose(f"train.epochs={EPOCHS}", f"data.root={data_root}", f"output.root={tmp_path / 'runs'}", *overrides)
+        return execute(cfg, worker=worker)
+
+    return _run
+
+
+def read_metrics(path) -> pd.DataFrame:
+    return pd.read_csv(path / "metrics.csv")
+
+
+@pytest.mark.parametrize("accel, variant", [("none", "Adam"), ("aadl", "Adam+AADL"), ("aadl_ma", "Adam+AADL+MA")])
+def test_short_run_writes_a_complete_schema_valid_run_directory(short_run, tmp_path, accel, variant):
+    outcome = short_run(f"accel={accel}", "seed=3")
+    path = outcome.path
+    assert outcome.status == "completed"
+    assert path.relative_to(tmp_path / "runs").parts[:2] == ("graduate_admissions", "default")
+    assert path.parent.name.startswith(f"{variant}-") and path.name == "seed=3"
+    assert RunDirectory(path).is_complete()
+
+    metrics = read_metrics(path)
+    # Schema: the required columns, in order, with the problem's metric before lr.
+    required = [c for c in metrics.columns if c != "val_r2"]
+    assert required == list(METRICS_COLUMNS)
+    assert metrics.columns.get_loc("val_r2") == metrics.columns.get_loc("lr") - 1
+    # One row per evaluation: before training, then after every epoch.
+    assert metrics["epoch"].tolist() == list(range(EPOCHS + 1))
+    assert metrics["step"].tolist() == [10 * e for e in range(EPOCHS + 1)]  # 400 rows / batch 40
+    assert set(metrics["experiment"]) == {"graduate_admissions"} and set(metrics["variant"]) == {variant}
+    assert set(metrics["seed"]) == {3} and set(metrics["lr"]) == {0.02}
+    assert math.isnan(metrics["train_loss"][0]) and metrics["train_loss"][1:].gt(0).all()
+    assert metrics["val_loss"].gt(0).all() and metrics["val_loss"].iloc[-1] < metrics["val_loss"].iloc[0]
+    assert metrics["wall_time"].is_monotonic_increasing
+    for counter in ("aa_attempts", "aa_accepted", "averages_applied"):
+        assert metrics[counter].is_monotonic_increasing and metrics[counter].iloc[0] == 0
+    if accel == "none":
+        assert metrics[list(ACCEL_HYPERPARAMETERS)].isna().all().all()
+        assert metrics[["aa_attempts", "averages_applied"]].eq(0).all().all()
+    else:
+        first = metrics.iloc[0]
+        assert (first.history, first.frequency, first.store_every, first.relaxation, first.average_threshold) == (10, 1, 1, 0.1, 0.1)
+        assert bool(first.average) is (accel == "aadl_ma")
+        assert metrics["aa_attempts"].iloc[-1] > 0
+        assert metrics["aa_accepted"].iloc[-1] <= metrics["aa_attempts"].iloc[-1]
+        if accel == "aadl":
+            assert metrics["averages_applied"].eq(0).all()
+
+    config = yaml.safe_load((path / "config.yaml").read_text())
+    assert config["train"]["epochs"] == EPOCHS and config["seed"] == 3
+    assert config["problem"]["batch_size"] == 40 and config["accel"]["enabled"] is (accel != "none")
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["status"] == "complete" and meta["variant"] == variant
+    assert {"commit", "dirty"} <= set(meta["git"]) and meta["torch"] and meta["host"] and meta["started"] <= meta["ended"]
+    assert any("400 training / 100 validation" in line for line in meta["notes"])
+    assert meta["final"]["val_loss"] == pytest.approx(metrics["val_loss"].iloc[-1])
+    log = (path / "run.log").read_text()
+    assert "400 training / 100 validation" in log and f"epoch {EPOCHS}/{EPOCHS}" in log
+
+
+def test_every_variant_starts_from_the_same_weights_for_a_seed(short_run):
+    first_rows = [read_metrics(short_run(f"accel={a}").path)["val_loss"][0] for a in ("none", "aadl", "aadl_ma")]
+    assert first_rows[0] == first_rows[1] == first_rows[2]
+    assert read_metrics(short_run("seed=1").path)["val_loss"][0] != first_rows[0]
+
+
+def test_rerun_skips_a_complete_run_and_overwrite_reproduces_it(short_run):
+    first = short_run("accel=aadl")
+    before = (first.path / "metrics.csv").stat().st_mtime_ns
+    again = short_run("accel=aadl")
+    assert (again.status, again.path) == ("skipped", first.path)
+    assert (first.path / "metrics.csv").stat().st_mtime_ns == before
+    values = read_metrics(first.path)
+    redo = short_run("accel=aadl", "output.overwrite=true")
+    assert redo.status == "completed" and redo.path == first.path
+    rerun = read_metrics(first.path)
+    # Bit-for-bit the same training on CPU; only the timing differs.
+    pd.testing.assert_frame_equal(values.drop(columns="wall_time"), rerun.drop(columns="wall_time"))
+
+
+def test_interrupted_run_is_never_read_as_complete_and_is_redone(short_run, tmp_path, monkeypatch):
+    short_run("accel=none")  # one complete run beside the interrupted one
+
+    evaluate = GraduateAdmissions.evaluate
+    calls = {"n": 0}
+
+    def evaluate_then_interrupt(self, model):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return evaluate(self, model)
+
+    monkeypatch.setattr(GraduateAdmissions, "evaluate", evaluate_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        short_run("accel=aadl")
+    monkeypatch.undo()
+
+    interrupted = next((tmp_path / "runs").rglob("Adam+AADL-*/seed=0"))
+    assert not (interrupted / COMPLETE_FILE).exists()
+    assert len(read_metrics(interrupted)) == 2  # what was measured is kept for inspection
+    meta = json.loads((interrupted / "meta.json").read_text())
+    assert meta["status"] == "failed" and "KeyboardInterrupt" in meta["error"]
+
+    results = load_results(tmp_path / "runs")
+    assert results.runs["variant"].tolist() == ["Adam"]
+    assert set(results.metrics["variant"]) == {"Adam"}
+    assert results.incomplete == [interrupted]
+
+    redo = short_run("accel=aadl")  # not skipped: it starts again from scratch
+    assert redo.status == "completed" and redo.path == interrupted
+    assert len(read_metrics(interrupted)) == EPOCHS + 1
+
+
+def test_missing_data_fails_before_any_run_directory_exists(compose, tmp_path):
+    from experiments.data import DatasetError
+
+    cfg = compose("train.epochs=1", f"data.root={tmp_path / 'nowhere'}", f"output.root={tmp_path / 'runs'}")
+    with pytest.raises(DatasetError, match="download graduate_admissions"):
+        execute(cfg)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_eval_every_evaluates_every_n_units_and_after_the_last(short_run):
+    metrics = read_metrics(short_run("train.epochs=5", "train.eval_every=2").path)
+    assert metrics["epoch"].tolist() == [0, 2, 4, 5]
+
+
+def test_cli_runs_the_fig1_preset_in_parallel_workers(data_root, tmp_path):
+    """The real command line: preset, joblib launcher, one torch thread per worker."""
+    env = {**os.environ, "AADL_DATA_ROOT": str(data_root), "CI": "1"}
+    command = [
+        sys.executable, "-m", "experiments.run", "-m", "+paper=fig1", "seed=0", "train.epochs=2",
+        f"output.root={tmp_path / 'runs'}", f"hydra.sweep.dir={tmp_path / 'hydra'}",
+    ]
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = sorted((tmp_path / "runs" / "graduate_admissions" / "fig1").glob("*/seed=0"))
+    assert sorted(p.parent.name.split("-")[0] for p in runs) == ["Adam", "Adam+AADL", "Adam+AADL+MA"]
+    for path in runs:
+        meta = json.loads((path / "meta.json").read_text())
+        assert RunDirectory(path).is_complete() and meta["torch_threads"] == 1
+
+
+def test_cli_rejects_a_bad_value_naming_the_key_before_running(data_root, tmp_path):
+    env = {**os.environ, "AADL_DATA_ROOT": str(data_root)}
+    command = [sys.executable, "-m", "experiments.run", "accel=aadl", "accel.relaxation=2", f"output.root={tmp_path}", f"hydra.run.dir={tmp_path / 'hydra'}"]
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "accel.relaxation" in done.stderr and "0 < relaxation <= 1" in done.stderr
+    assert not (tmp_path / "graduate_admissions").exists()
+
+
+def test_a_run_held_by_another_process_is_left_alone(compose, data_root, tmp_path):
+    from experiments.config import validate
+    from experiments.results import run_path
+
+    cfg = compose("train.epochs=1", f"data.root={data_root}", f"output.root={tmp_path / 'runs'}")
+    directory = RunDirectory(run_path(validate(cfg)))
+    with directory.claim() as claimed:  # what a concurrent process running this config holds
+        assert claimed
+        outcome = execute(cfg)
+        assert outcome.status == "busy" and not (directory.path / "metrics.csv").exists()
+    assert execute(cfg).status == "completed"  # once released, it runs
