@@ -1,0 +1,167 @@
+"""Seconds per PINN training iteration for burgers2d and burgers100d, the 100d Laplacian's
+exact methods side by side, and the time the Fig. 2 / Fig. 3 presets would take here.
+
+    .venv/bin/python benchmarks/pinn_step.py                      # CPU, 1 and 2 threads
+    .venv/bin/python benchmarks/pinn_step.py --device cuda --threads 1
+
+One iteration = the PINN loss on one batch (400 initial/boundary + 4,000 collocation points),
+its backward pass and an Adam step. "eval" is one loss evaluation under torch.no_grad(), which
+is what the AA safeguard costs twice per acceleration. Times are medians over --repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from experiments.problems.burgers import Burgers2D, Burgers100D, BurgersProblem
+
+SEEDS = 20
+VARIANTS = ("Adam", "Adam+AADL", "Adam+AADL+MA")
+
+
+@dataclass(frozen=True)
+class Preset:
+    figure: str
+    problem: type[BurgersProblem]
+    frequency: int  # AA every p iterations (paper settings table), each with 2 safeguard evals
+
+
+PRESETS = (Preset("Fig. 2", Burgers2D, frequency=10), Preset("Fig. 3", Burgers100D, frequency=1))
+
+
+def median_seconds(
+    call: Callable[[], None], device: torch.device, repeats: int, warmup: int = 1
+) -> float:
+    def synchronize():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        call()
+    synchronize()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        synchronize()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def step_and_eval_seconds(
+    problem: BurgersProblem, device: torch.device, repeats: int
+) -> tuple[float, float]:
+    model = problem.build_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    (batch,) = problem.batches(0)
+
+    def step():
+        optimizer.zero_grad()
+        problem.loss(model, batch).backward()
+        optimizer.step()
+
+    def evaluate():
+        with torch.no_grad():
+            problem.loss(model, batch)
+
+    return median_seconds(step, device, repeats), median_seconds(evaluate, device, repeats)
+
+
+def make(problem_class, device, **overrides) -> BurgersProblem:
+    cfg = problem_class.Config(**overrides)
+    return problem_class(cfg, data_root=Path("."), seed=0, device=device)
+
+
+def report_iterations(device, repeats) -> dict[tuple[str, str], tuple[float, float]]:
+    print(f"{'problem':<12} {'activation':<10} {'s/iteration':>12} {'s/eval':>10}")
+    timings = {}
+    for problem_class in (Burgers2D, Burgers100D):
+        for activation in ("relu", "tanh"):
+            problem = make(problem_class, device, activation=activation)
+            timings[problem_class.name, activation] = step_and_eval_seconds(
+                problem, device, repeats
+            )
+            step, evaluation = timings[problem_class.name, activation]
+            print(f"{problem_class.name:<12} {activation:<10} {step:>12.4f} {evaluation:>10.4f}")
+    return timings
+
+
+def report_laplacian_methods(device, repeats) -> None:
+    """The 99-dimensional Laplacian with tanh (with ReLU it is identically zero)."""
+    print("\nburgers100d tanh, 4,000 collocation points: input derivatives by method")
+    print(
+        f"{'method':<10} {'s/iteration':>12} {'s/eval':>10} {'loop/method (iteration, eval)':>32}"
+    )
+    seconds = {}
+    for method in ("loop", "func", "forward"):
+        problem = make(Burgers100D, device, activation="tanh", derivatives=method)
+        few = repeats if method == "forward" else max(1, repeats // 5)  # seconds per call
+        seconds[method] = step_and_eval_seconds(problem, device, few)
+        step, evaluation = seconds[method]
+        loop_step, loop_eval = seconds["loop"]
+        speedups = f"{loop_step / step:>20.1f}x {loop_eval / evaluation:>8.1f}x"
+        print(f"{method:<10} {step:>12.4f} {evaluation:>10.4f} {speedups}")
+
+
+def report_presets(timings, budgets, parallel_runs) -> None:
+    print(
+        f"\npreset estimates: 3 variants x {SEEDS} seeds x budget, {parallel_runs} run(s) at a time"
+    )
+    for preset in PRESETS:
+        budget = budgets[preset.problem.name]
+        for activation in ("relu", "tanh"):
+            step, evaluation = timings[preset.problem.name, activation]
+            accelerated = step + 2 * evaluation / preset.frequency  # + the safeguard's two losses
+            seconds = SEEDS * budget * (step + 2 * accelerated) / parallel_runs
+            print(
+                f"{preset.figure} ({preset.problem.name}, {activation}, {budget} iterations): "
+                f"{seconds / 3600:6.2f} h"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
+    parser.add_argument(
+        "--threads", default="1,2", help="torch intra-op thread counts to measure (default: 1,2)"
+    )
+    parser.add_argument("--repeats", type=int, default=20, help="timed iterations per measurement")
+    parser.add_argument(
+        "--budget-2d", type=int, default=2000, help="Fig. 2 iterations (default 2000)"
+    )
+    parser.add_argument(
+        "--budget-100d", type=int, default=5000, help="Fig. 3 iterations (default 5000)"
+    )
+    args = parser.parse_args()
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    budgets = {"burgers2d": args.budget_2d, "burgers100d": args.budget_100d}
+    cores = torch.get_num_threads()
+
+    for threads in (int(t) for t in args.threads.split(",")):
+        torch.set_num_threads(threads)
+        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+        print(f"=== device {device}, {threads} thread(s), torch {torch.__version__}, ", end="")
+        print(f"load average {load} ===")
+        timings = report_iterations(device, args.repeats)
+        report_laplacian_methods(device, args.repeats)
+        # On CPU, independent single-thread runs fill the cores (the harness's multirun
+        # workers use 1 thread each); a GPU runs one at a time.
+        parallel = max(1, cores // threads) if device.type == "cpu" else 1
+        report_presets(timings, budgets, parallel)
+        print()
+
+
+if __name__ == "__main__":
+    main()
