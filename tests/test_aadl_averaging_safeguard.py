@@ -195,3 +195,13 @@ def test_non_finite_coefficients_or_candidate_are_rejected_without_a_closure(mon
         opt.step()
     assert opt.stats.aa_attempts == 3 and opt.stats.aa_accepted == 0
     assert torch.allclose(w.detach(), torch.full((4,), 0.8**4))  # four plain SGD steps
+
+
+def test_an_equal_loss_is_not_strictly_lower_so_the_plain_step_is_kept():
+    w = torch.ones(5, dtype=torch.float64, requires_grad=True)
+    opt = AndersonAcceleration(torch.optim.SGD([w], lr=0.1), history=2)
+    for _ in range(4):
+        opt.zero_grad()
+        (w**4).sum().backward()
+        assert opt.step(lambda: torch.tensor(1.0)) in (None, 1.0)
+    assert opt.stats.aa_attempts == 3 and opt.stats.aa_accepted == 0
