@@ -19,6 +19,7 @@ QR, the moving-average statistics) is split into row blocks:
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,18 +33,19 @@ CUDA_BLOCK = 1 << 18
 _T = TypeVar("_T")
 _scratch = threading.local()
 _pool: ThreadPoolExecutor | None = None
-_pool_size = 0
+_pool_key: tuple[int, int] = (0, 0)  # (workers, pid): a forked child must not reuse dead threads
 _pool_lock = threading.Lock()
 
 
 def _executor(workers: int) -> ThreadPoolExecutor:
-    global _pool, _pool_size
+    global _pool, _pool_key
     with _pool_lock:
-        if _pool is None or _pool_size != workers:
-            if _pool is not None:
+        key = (workers, os.getpid())
+        if _pool is None or _pool_key != key:
+            if _pool is not None and _pool_key[1] == key[1]:
                 _pool.shutdown(wait=False)
             _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="aadl-blocks")
-            _pool_size = workers
+            _pool_key = key
         return _pool
 
 

@@ -172,3 +172,16 @@ def test_streaming_r_factor_reproduces_the_gram_matrix():
     r = kernels.streaming_r_factor(rows, vector)
     A = torch.cat([rows.T, vector[:, None]], dim=1).double()
     assert torch.allclose(r.T @ r, A.T @ A, rtol=1e-10)
+
+
+def test_block_threads_survive_a_fork():
+    """A child forked after the thread pool started must get a pool of its own."""
+    import multiprocessing
+
+    gen = torch.Generator().manual_seed(3)
+    rows, vector = torch.randn(2, 4 * kernels.CPU_BLOCK, generator=gen), torch.randn(4 * kernels.CPU_BLOCK, generator=gen)
+    expected = kernels.row_dots(rows, [vector])  # starts the pool in this process
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1) as pool:
+        got = pool.apply_async(kernels.row_dots, (rows, [vector])).get(timeout=60)
+    assert torch.equal(got, expected)
