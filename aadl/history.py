@@ -31,6 +31,9 @@ class AndersonHistory:
         self.dR = torch.zeros(capacity, length, dtype=dtype, device=device)
         # dR^T dR over this rank's rows (the full product unless sharded), float64.
         self.gram = torch.zeros(capacity, capacity, dtype=torch.float64, device=device)
+        # dR^T r_s, r_s the stored residual: lets the next append get its Gram column
+        # from the same pass that computes dR^T r_k (see append).
+        self.stored_dots = torch.zeros(capacity, dtype=torch.float64, device=device)
         self.count = 0  # columns held
         self.next_slot = 0  # slot the next column goes to
 
@@ -41,20 +44,27 @@ class AndersonHistory:
         """The slot the next column is written to (the oldest once full)."""
         return self.next_slot
 
-    def commit_slot(self, slot: int, extra: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Make the column just written at ``slot`` part of the history.
+    def append(self, slot: int, residual: torch.Tensor) -> torch.Tensor:
+        """Make the column just written at ``slot`` (``dR[slot] = r_k - r_s``) part of the
+        history; ``residual`` is r_k, which becomes the stored residual. Returns
+        ``dR^T r_k`` over the held columns (float64, slot order).
 
-        Updates the Gram matrix with one pass over ``dR``: the dot products of every held
-        column with the new one. ``extra`` (a vector, e.g. ``r_k``) rides along in the same
-        pass; its dot products with the held columns are returned.
+        One pass over dR gives ``b = dR^T r_k``. The new Gram column follows without a
+        second pass: ``dR_j . dR_new = dR_j . r_k - dR_j . r_s = b_j - (dR^T r_s)_j``, the
+        second term kept from the previous append. The dot products are exact-product
+        float64 sums (aadl.kernels), so the subtraction loses nothing the float32 column
+        still had.
         """
         self.count = min(self.count + 1, self.capacity)
         self.next_slot = (slot + 1) % self.capacity
-        vectors = [self.dR[slot]] if extra is None else [self.dR[slot], extra]
-        dots = row_dots(self.dR[: self.count], vectors)
-        self.gram[slot, : self.count] = dots[:, 0]
-        self.gram[: self.count, slot] = dots[:, 0]
-        return None if extra is None else dots[:, 1]
+        held = self.count
+        b = row_dots(self.dR[:held], [residual])[:, 0]
+        new_column = b[:held] - self.stored_dots[:held]
+        new_column[slot] = row_dots(self.dR[slot : slot + 1], [self.dR[slot]])[0, 0]
+        self.gram[slot, :held] = new_column
+        self.gram[:held, slot] = new_column
+        self.stored_dots[:held] = b
+        return b
 
     def dots(self, vector: torch.Tensor) -> torch.Tensor:
         """``dR^T vector`` over the held columns (float64, slot order)."""
@@ -78,6 +88,7 @@ class AndersonHistory:
             "X": self.X[:h],
             "dR": self.dR[:h],
             "gram": self.gram[:h, :h],
+            "stored_dots": self.stored_dots[:h],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -97,9 +108,11 @@ class AndersonHistory:
         self.X.zero_()
         self.dR.zero_()
         self.gram.zero_()
+        self.stored_dots.zero_()
         self.X[:h].copy_(state["X"])
         self.dR[:h].copy_(state["dR"])
         self.gram[:h, :h].copy_(state["gram"])
+        self.stored_dots[:h].copy_(state["stored_dots"])
         self.count = h
         # Slots [0, h) are live; a history that is not full appends after them, whatever
         # capacity it was saved with.

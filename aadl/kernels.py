@@ -3,13 +3,12 @@
 Every pass AA makes over n rows (dot products with the history, the mixing, the streaming
 QR, the moving-average statistics) is split into row blocks:
 
-* Dot products: each block's products are formed in the parameters' dtype and summed by
-  torch's cascade (pairwise) summation; block sums are accumulated in float64. The
-  products' rounding is at most half an ulp each, so the Gram matrix is the exact Gram
-  matrix of dR perturbed by under one ulp, as exact as float32 data allows (measured:
-  ~4e-9 |a||b|). BLAS's float32 dot products are cheaper but accumulate sequentially
-  (~1e-6 relative on the positive sums of a Gram diagonal); casting blocks to float64
-  is exact but costs ~1.7x the time for digits the float32 data does not have.
+* Dot products are exact-product float64 sums: each block is copied into a float64
+  scratch buffer (a product of two float32 numbers is exact in float64) and reduced by a
+  float64 matrix-vector product; block results are summed in float64. BLAS's float32 dot
+  products would be cheaper but accumulate in float32 (~1e-6 relative on the positive sums
+  of a Gram diagonal), and the Gram update subtracts dot products (aadl.history), which
+  needs them exact.
 * Block results are reduced in block order, so every result is bitwise identical
   whatever the number of worker threads.
 * On CPU the blocks are spread over ``torch.get_num_threads()`` Python threads: MKL's
@@ -29,6 +28,8 @@ import torch
 
 CPU_BLOCK = 32768
 CUDA_BLOCK = 1 << 18
+# Worker threads for CPU block passes; None: torch.get_num_threads(). Env: AADL_BLOCK_WORKERS.
+BLOCK_WORKERS: int | None = int(os.environ["AADL_BLOCK_WORKERS"]) if os.environ.get("AADL_BLOCK_WORKERS") else None
 
 _T = TypeVar("_T")
 _scratch = threading.local()
@@ -57,7 +58,8 @@ def map_blocks(length: int, device: torch.device, work: Callable[[int, int], _T]
     """``[work(lo, hi) for each row block]`` in block order, on CPU spread over threads."""
     size = block_size(device)
     bounds = [(lo, min(length, lo + size)) for lo in range(0, length, size)] or [(0, 0)]
-    workers = min(torch.get_num_threads(), len(bounds)) if device.type == "cpu" else 1
+    wanted = BLOCK_WORKERS if BLOCK_WORKERS is not None else torch.get_num_threads()
+    workers = min(wanted, len(bounds)) if device.type == "cpu" else 1
     if workers <= 1:
         return [work(lo, hi) for lo, hi in bounds]
     per = -(-len(bounds) // workers)
@@ -70,17 +72,19 @@ def _as_float64(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.to(torch.float64)
 
 
-def _thread_scratch(like: torch.Tensor) -> torch.Tensor:
-    """A per-thread buffer shaped like ``like``: block temporaries are reused, not
+def _thread_scratch(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A per-thread buffer of the given shape: block temporaries are reused, not
     re-allocated (large CPU allocations are fresh mmaps, page-faulted on every use)."""
-    key = (tuple(like.shape), like.dtype, like.device)
+    numel = 1
+    for size in shape:
+        numel *= size
     cache = getattr(_scratch, "buffers", None)
     if cache is None:
         cache = _scratch.buffers = {}
-    buffer = cache.get(key)
-    if buffer is None:
-        buffer = cache[key] = torch.empty(like.shape, dtype=like.dtype, device=like.device)
-    return buffer
+    buffer = cache.get((dtype, device))
+    if buffer is None or buffer.numel() < numel:
+        buffer = cache[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel].view(tuple(shape))
 
 
 def row_dots(rows: torch.Tensor, vectors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -89,12 +93,9 @@ def row_dots(rows: torch.Tensor, vectors: Sequence[torch.Tensor]) -> torch.Tenso
 
     def work(lo: int, hi: int) -> torch.Tensor:
         block = rows[:, lo:hi]
-        products = _thread_scratch(block)
-        sums = torch.empty(h, len(vectors), dtype=rows.dtype, device=rows.device)
-        for j, vector in enumerate(vectors):
-            torch.mul(block, vector[lo:hi], out=products)
-            torch.sum(products, dim=1, out=sums[:, j])
-        return sums
+        if block.dtype != torch.float64:
+            block = _thread_scratch(block.shape, torch.float64, block.device).copy_(block)
+        return torch.stack([torch.mv(block, _as_float64(v[lo:hi])) for v in vectors], dim=1)
 
     partials = map_blocks(length, rows.device, work)
     total = torch.zeros(h, len(vectors), dtype=torch.float64, device=rows.device)
@@ -164,7 +165,7 @@ def max_entry_spread(buffer: torch.Tensor, correction: int) -> tuple[float, floa
         # slower on CPU for these short, wide blocks.
         block = buffer[:, lo:hi]
         mean = block.mean(dim=0)
-        deviations = torch.sub(block, mean, out=_thread_scratch(block))
+        deviations = torch.sub(block, mean, out=_thread_scratch(block.shape, block.dtype, block.device))
         squares = deviations.mul_(deviations).sum(dim=0)
         return torch.stack([squares.max() / (count - correction), mean.max()]).to(torch.float64)
 

@@ -265,18 +265,16 @@ class AndersonAcceleration(Optimizer):
         w_after = self._rows.gather(self._free_buffer(stored_u, stored_r, w_before))
         residual = torch.sub(w_after, w_before, out=w_before)
 
-        rhs = self._store(w_after, residual, want_rhs=accelerate) if store else None  # 3.
+        rhs = self._store(w_after, residual) if store else None  # 3.
         loss = self._accelerate(closure, w_after, residual, rhs) if accelerate else None  # 4.
         if self._average is not None:  # 5.
             self._update_average(residual)
         return loss
 
-    def _store(
-        self, w_after: torch.Tensor, residual: torch.Tensor, want_rhs: bool
-    ) -> torch.Tensor | None:
+    def _store(self, w_after: torch.Tensor, residual: torch.Tensor) -> torch.Tensor | None:
         """Append (dW, dR) from the stored pair, then store (w_k, r_k) as u = w + c r.
 
-        Returns dR^T r_k when ``want_rhs`` and a column was appended (same pass)."""
+        Returns dR^T r_k when a column was appended (the Gram update computes it anyway)."""
         history, c = self._history, self._dr_weight
         previous = self._stored
         if previous is not None:
@@ -291,9 +289,9 @@ class AndersonAcceleration(Optimizer):
             u = torch.add(w_after, residual, alpha=c - 1.0, out=self._free_buffer(*in_use, w_after, residual))
         self._stored = (u, residual)
         if previous is None:
-            return None
+            return None  # the first pair: nothing to difference yet (the history is empty)
         torch.sub(u, stored_u, out=history.X[slot])  # X = dW + c dR = u_k - u_s
-        return history.commit_slot(slot, extra=residual if want_rhs else None)
+        return history.append(slot, residual)
 
     def _accelerate(
         self,
