@@ -174,14 +174,29 @@ def test_streaming_r_factor_reproduces_the_gram_matrix():
     assert torch.allclose(r.T @ r, A.T @ A, rtol=1e-10)
 
 
+def _row_dots_in_forked_child(rows, vector):
+    # What torch asks of a forked child once the parent used its thread pools (DataLoader
+    # workers do the same): set the thread count before starting threads of its own.
+    torch.set_num_threads(1)
+    kernels.BLOCK_WORKERS = 2  # still split the blocks over threads: a pool of the child's own
+    return kernels.row_dots(rows, [vector])
+
+
 def test_block_threads_survive_a_fork():
-    """A child forked after the thread pool started must get a pool of its own."""
+    """A child forked after the block threads started must get a pool of its own (the
+    parent's threads do not exist in it) and the same result."""
     import multiprocessing
 
     gen = torch.Generator().manual_seed(3)
     rows, vector = torch.randn(2, 4 * kernels.CPU_BLOCK, generator=gen), torch.randn(4 * kernels.CPU_BLOCK, generator=gen)
-    expected = kernels.row_dots(rows, [vector])  # starts the pool in this process
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.randn(1 << 20).sum()  # the parent's torch thread pools are in use
+        expected = kernels.row_dots(rows, [vector])  # starts the block threads in this process
+    finally:
+        torch.set_num_threads(threads)
     context = multiprocessing.get_context("fork")
     with context.Pool(1) as pool:
-        got = pool.apply_async(kernels.row_dots, (rows, [vector])).get(timeout=60)
+        got = pool.apply_async(_row_dots_in_forked_child, (rows, vector)).get(timeout=60)
     assert torch.equal(got, expected)
