@@ -1,5 +1,6 @@
 """Seconds per PINN training iteration for burgers2d and burgers100d, the 100d Laplacian's
-exact methods side by side, and the time the Fig. 2 / Fig. 3 presets would take here.
+exact methods side by side, and the time the Fig. 2 / Fig. 3 presets would take here (their
+variants, seeds, budgets and p are read from configs/paper/fig2.yaml and fig3.yaml).
 
     .venv/bin/python benchmarks/pinn_step.py                      # CPU, 1 and 2 threads
     .venv/bin/python benchmarks/pinn_step.py --device cuda --threads 1
@@ -16,25 +17,49 @@ import os
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
+from experiments.config import compose, preset_sweep
+from experiments import problems
 from experiments.problems.burgers import Burgers2D, Burgers100D, BurgersProblem
-
-SEEDS = 20
-VARIANTS = ("Adam", "Adam+AADL", "Adam+AADL+MA")
 
 
 @dataclass(frozen=True)
 class Preset:
-    figure: str
+    """What a paper preset runs, read from configs/paper/<name>.yaml and its experiment."""
+
+    name: str  # fig2, fig3
     problem: type[BurgersProblem]
-    frequency: int  # AA every p iterations (paper settings table), each with 2 safeguard evals
+    budget: int  # train.iterations
+    frequency: int  # AA every p iterations, each with 2 safeguard loss evaluations
+    seeds: int
+    accelerated: int  # variants with AA (the others run the base optimizer alone)
+    plain: int
+
+    @classmethod
+    def load(cls, name: str) -> Preset:
+        cfg = compose(f"+paper={name}")
+        sweep = preset_sweep(name)
+        accelerated = sum(variant != "none" for variant in sweep["accel"])
+        return cls(
+            name=name,
+            problem=problems.problem_class(cfg.experiment),
+            budget=cfg.train.iterations,
+            frequency=cfg.accel.frequency,
+            seeds=len(sweep["seed"]),
+            accelerated=accelerated,
+            plain=len(sweep["accel"]) - accelerated,
+        )
+
+    @property
+    def figure(self) -> str:
+        return f"Fig. {self.name.removeprefix('fig')}"
 
 
-PRESETS = (Preset("Fig. 2", Burgers2D, frequency=10), Preset("Fig. 3", Burgers100D, frequency=1))
+PRESET_NAMES = ("fig2", "fig3")
 
 
 def median_seconds(
@@ -61,7 +86,7 @@ def step_and_eval_seconds(
 ) -> tuple[float, float]:
     model = problem.build_model()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    (batch,) = problem.batches(0)
+    (batch,) = problem.batches(1)
 
     def step():
         optimizer.zero_grad()
@@ -111,19 +136,18 @@ def report_laplacian_methods(device, repeats) -> None:
         print(f"{method:<10} {step:>12.4f} {evaluation:>10.4f} {speedups}")
 
 
-def report_presets(timings, budgets, parallel_runs) -> None:
-    print(
-        f"\npreset estimates: 3 variants x {SEEDS} seeds x budget, {parallel_runs} run(s) at a time"
-    )
-    for preset in PRESETS:
-        budget = budgets[preset.problem.name]
+def report_presets(timings, presets: list[Preset], parallel_runs) -> None:
+    print(f"\npreset estimates: variants x seeds x budget, {parallel_runs} run(s) at a time")
+    for preset in presets:
         for activation in ("relu", "tanh"):
             step, evaluation = timings[preset.problem.name, activation]
             accelerated = step + 2 * evaluation / preset.frequency  # + the safeguard's two losses
-            seconds = SEEDS * budget * (step + 2 * accelerated) / parallel_runs
+            per_seed = preset.budget * (preset.plain * step + preset.accelerated * accelerated)
+            seconds = preset.seeds * per_seed / parallel_runs
             print(
-                f"{preset.figure} ({preset.problem.name}, {activation}, {budget} iterations): "
-                f"{seconds / 3600:6.2f} h"
+                f"{preset.figure} ({preset.problem.name}, {activation}, "
+                f"{preset.plain + preset.accelerated} variants x {preset.seeds} seeds x "
+                f"{preset.budget} iterations): {seconds / 3600:6.2f} h"
             )
 
 
@@ -136,17 +160,19 @@ def main() -> None:
         "--threads", default="1,2", help="torch intra-op thread counts to measure (default: 1,2)"
     )
     parser.add_argument("--repeats", type=int, default=20, help="timed iterations per measurement")
-    parser.add_argument(
-        "--budget-2d", type=int, default=2000, help="Fig. 2 iterations (default 2000)"
-    )
-    parser.add_argument(
-        "--budget-100d", type=int, default=5000, help="Fig. 3 iterations (default 5000)"
-    )
+    presets = [Preset.load(name) for name in PRESET_NAMES]
+    for preset in presets:
+        parser.add_argument(
+            f"--budget-{preset.name}",
+            type=int,
+            default=preset.budget,
+            help=f"{preset.figure} iterations (default: the preset's, {preset.budget})",
+        )
     args = parser.parse_args()
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
-    budgets = {"burgers2d": args.budget_2d, "burgers100d": args.budget_100d}
+    presets = [replace(p, budget=getattr(args, f"budget_{p.name}")) for p in presets]
     cores = torch.get_num_threads()
 
     for threads in (int(t) for t in args.threads.split(",")):
@@ -159,7 +185,7 @@ def main() -> None:
         # On CPU, independent single-thread runs fill the cores (the harness's multirun
         # workers use 1 thread each); a GPU runs one at a time.
         parallel = max(1, cores // threads) if device.type == "cpu" else 1
-        report_presets(timings, budgets, parallel)
+        report_presets(timings, presets, parallel)
         print()
 
 

@@ -94,10 +94,18 @@ def load_results(root: Path | str) -> Results:
         raise ResultsError(
             f"no complete runs under {root}"
             + (f" ({len(incomplete)} incomplete)" if incomplete else "")
-            + "; run them first, e.g. python -m experiments.run -m +paper=fig1"
+            + "; run them first with python -m experiments.run"
         )
+    return load_runs(complete, incomplete=incomplete)
+
+
+def load_runs(complete: Sequence[Path], *, incomplete: Sequence[Path] = ()) -> Results:
+    """The given complete run directories (e.g. the runs one command just made, without
+    the other configurations stored beside them); ``incomplete`` is only recorded."""
+    if not complete:
+        raise ResultsError("no runs given")
     records, seen = [], set()
-    for path in complete:
+    for path in map(Path, complete):
         record = _run_record(path)
         key = (record["config_id"], record["seed"])
         if key in seen:
@@ -115,7 +123,7 @@ def load_results(root: Path | str) -> Results:
     runs["label"] = [_label(record, varying) for record in records]
     metrics = pd.concat([_read_metrics(Path(path)) for path in runs["run"]], ignore_index=True)
     metrics = metrics.merge(runs[["run", "label"]], on="run")
-    return Results(metrics=metrics, runs=runs, varying=varying, incomplete=incomplete)
+    return Results(metrics=metrics, runs=runs, varying=varying, incomplete=list(incomplete))
 
 
 RUN_FIELDS = ("run", "variant", "seed", "config_id")  # the other columns of Results.runs are identity keys
@@ -218,15 +226,18 @@ def summary(
     x: str = "epoch",
     threshold: float | None = None,
     baseline: str | None = None,
+    also: Sequence[str] = (),
 ) -> pd.DataFrame:
     """One row per configuration: final and best ``metric`` (mean, CI), ``x`` to reach
-    ``threshold`` (mean, CI over the runs that reach it, and how many did), and the ratio
-    of the baseline's final ``metric`` to this configuration's.
+    ``threshold`` (mean, CI over the runs that reach it, and how many did), the ratio
+    of the baseline's final ``metric`` to this configuration's, and the final value
+    (mean, CI) of each metric in ``also`` (e.g. val_rel_l2 beside a PINN's val_loss).
 
     The ratio is paired by seed: the geometric mean of the per-seed ratios, with its CI
     taken in log space (ratios are skewed; logs are not), so > 1 means lower than baseline.
     """
     runs = per_run(results, metric, x, threshold)
+    also_runs = {name: per_run(results, name, x) for name in also}
     baseline = baseline if baseline is not None else baseline_label(results)
     baseline_final = runs[runs.label == baseline].set_index("seed")["final"]
     rows = []
@@ -243,9 +254,11 @@ def summary(
         if baseline is not None:
             ratios = baseline_final.reindex(group.seed).to_numpy() / group.final.to_numpy()
             row.update(_interval_columns("baseline_ratio", np.exp(t_interval(np.log(ratios)))))
+        for name, other in also_runs.items():
+            row.update(_interval_columns(f"final_{name}", t_interval(other.final[other.label == label])))
         rows.append(row)
     table = pd.DataFrame(rows)
-    table.attrs.update(metric=metric, x=x, threshold=threshold, baseline=baseline)
+    table.attrs.update(metric=metric, x=x, threshold=threshold, baseline=baseline, also=list(also))
     return table
 
 
@@ -265,6 +278,8 @@ def format_summary(table: pd.DataFrame) -> pd.DataFrame:
     x = table.attrs.get("x", "epoch")
     out = pd.DataFrame({"configuration": table["label"], "seeds": table["runs"]})
     out[f"final {metric}"] = _intervals(table, "final")
+    for name in table.attrs.get("also", []):  # next to the main metric: read together
+        out[f"final {name}"] = _intervals(table, f"final_{name}")
     out[f"best {metric}"] = _intervals(table, "best")
     reach = f"{x}s_to_threshold"
     if f"{reach}_mean" in table:

@@ -17,9 +17,11 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -175,12 +177,43 @@ class RunConfig:
 SCHEMA_NAME = "run_schema"
 ConfigStore.instance().store(name=SCHEMA_NAME, node=RunConfig)
 
+#: The Hydra config tree of ``python -m experiments.run``.
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_NAME = "config"
+
 #: Budget unit -> the ``train`` key that holds the budget.
 BUDGET_KEYS = {"epoch": "epochs", "iteration": "iterations"}
 
 #: Keys that say where or how a run is stored or shown, not what it computes; they are left
 #: out of the run's identity, so changing them does not make it a different experiment.
 NON_IDENTITY_KEYS = ("seed", "data.root", "output.", "train.progress", "train.threads")
+
+
+# --------------------------------------------------------------------------------------------
+# Composition outside the command line
+# --------------------------------------------------------------------------------------------
+
+
+def compose(*overrides: str, return_hydra_config: bool = False) -> DictConfig:
+    """The config ``python -m experiments.run <overrides>`` would run, through Hydra's
+    compose API (for programs that drive the harness: the demo, benchmarks, tests).
+
+    A sweep (``a=1,2``) is not expanded here: see :func:`preset_sweep`.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose(CONFIG_NAME, overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+
+def preset_sweep(preset: str) -> dict[str, list[str]]:
+    """The values a paper preset (``configs/paper/<preset>.yaml``) sweeps, in its order:
+    ``preset_sweep("fig2")["accel"] == ["aadl_ma", "aadl", "none"]``, ``["seed"]`` the
+    seeds as text."""
+    params = compose(f"+paper={preset}", return_hydra_config=True).hydra.sweeper.params
+    parsed = OverridesParser.create().parse_overrides([f"{key}={value}" for key, value in params.items()])
+    return {override.key_or_group: list(override.sweep_string_iterator()) for override in parsed}
 
 
 # --------------------------------------------------------------------------------------------

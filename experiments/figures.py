@@ -1,6 +1,8 @@
 """Paper figures and sweep tables from run directories.
 
     python -m experiments.figures fig1                         # results/runs/graduate_admissions/fig1
+    python -m experiments.figures fig2                         # results/runs/burgers2d/fig2
+    python -m experiments.figures fig3                         # results/runs/burgers100d/fig3
     python -m experiments.figures curves DIR [--metric val_loss] [--threshold 0.005]
     python -m experiments.figures sweep DIR [--metric val_loss]
 
@@ -18,8 +20,10 @@ import argparse
 import io
 import logging
 import sys
-from dataclasses import dataclass
+import textwrap
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Sequence
 
 import matplotlib
 import numpy as np
@@ -46,6 +50,20 @@ STYLE = {
 
 
 @dataclass(frozen=True)
+class Caveat:
+    """A caption line a figure carries when some of its runs have config ``key == value``:
+    what a reader must know to read the curves (e.g. what the paper's ReLU does to a PINN)."""
+
+    key: str  # a flattened config key, e.g. "problem.activation"
+    value: Any
+    text: str
+
+    def applies(self, results: Results) -> bool:
+        runs = results.runs
+        return self.key in runs and bool((runs[self.key] == self.value).any())
+
+
+@dataclass(frozen=True)
 class FigureSpec:
     """A paper figure: where its runs are and how to draw them."""
 
@@ -54,12 +72,29 @@ class FigureSpec:
     title: str
     metric: str = "val_loss"
     x: str = "epoch"
+    xlabel: str | None = None  # default: the x column's name, plural
     ylabel: str = "validation MSE"
     threshold: float | None = None  # for the "epochs to reach" column
+    also: tuple[str, ...] = ()  # metrics whose final value the summary shows beside ``metric``
+    caveats: tuple[Caveat, ...] = ()
 
     def results_dir(self, output_root: Path | str = DEFAULT_OUTPUT_ROOT) -> Path:
         return Path(output_root) / self.experiment / self.run_name
 
+
+RELU_PINN = Caveat(
+    "problem.activation",
+    "relu",
+    "ReLU, as in the paper: the network's second derivatives are zero, so the viscous term "
+    "drops out of the PDE residual it is trained on (problem.activation=tanh keeps it).",
+)
+PAPER_SCALE_100D = Caveat(
+    "problem.solution_scale",
+    "paper",
+    "The paper's 100d solution e^-t prod_i (x_i^2 - 1) is ~1e-27 at typical points of "
+    "[-1, 1]^99, so a network that outputs zero already scores val_loss ~1e-54: a small "
+    "val_loss does not mean that u is learnt; val_rel_l2 = ||u_net - u|| / ||u|| says whether it is.",
+)
 
 FIGURES: dict[str, FigureSpec] = {
     "fig1": FigureSpec(
@@ -70,6 +105,24 @@ FIGURES: dict[str, FigureSpec] = {
         # the per-seed minima at the paper's settings): how soon each one gets near it.
         threshold=4.5e-3,
     ),
+    "fig2": FigureSpec(
+        experiment="burgers2d",
+        run_name="fig2",
+        title="Burgers 2d PINN (paper Fig. 2)",
+        x="step",  # one optimizer step per iteration
+        xlabel="iterations",
+        also=("val_rel_l2",),
+        caveats=(RELU_PINN,),
+    ),
+    "fig3": FigureSpec(
+        experiment="burgers100d",
+        run_name="fig3",
+        title="Burgers 100d PINN (paper Fig. 3)",
+        x="step",
+        xlabel="iterations",
+        also=("val_rel_l2",),
+        caveats=(PAPER_SCALE_100D, RELU_PINN),
+    ),
 }
 
 
@@ -79,6 +132,7 @@ class Report:
     curves: pd.DataFrame
     summary: pd.DataFrame
     figure: Figure
+    notes: list[str] = field(default_factory=list)  # caveats, shown under the table and figure
 
     def png(self) -> bytes:
         buffer = io.BytesIO()
@@ -87,7 +141,8 @@ class Report:
 
     @property
     def summary_markdown(self) -> str:
-        return aggregate.to_markdown(aggregate.format_summary(self.summary))
+        table = aggregate.to_markdown(aggregate.format_summary(self.summary))
+        return table + "".join(f"\nNote: {note}\n" for note in self.notes)
 
     def save(self, out_dir: Path | str, name: str) -> list[Path]:
         out_dir = Path(out_dir)
@@ -112,43 +167,56 @@ def default_results_dir(figure: str) -> Path:
     return REPO_ROOT / FIGURES[figure].results_dir()
 
 
-def figure_report(figure: str, results_dir: Path | str | None = None) -> Report:
-    """A named paper figure (``FIGURES``) from its runs."""
+def figure_report(figure: str, results: Path | str | Results | None = None, *, title: str | None = None) -> Report:
+    """A named paper figure (``FIGURES``) from its runs: a results directory (default: where
+    its preset writes) or runs already loaded (e.g. a subset, as the demo does)."""
     spec = FIGURES[figure]
     return curves_report(
-        results_dir if results_dir is not None else spec.results_dir(),
+        results if results is not None else spec.results_dir(),
         metric=spec.metric,
         x=spec.x,
         threshold=spec.threshold,
-        title=spec.title,
+        title=title or spec.title,
+        xlabel=spec.xlabel,
         ylabel=spec.ylabel,
+        also=spec.also,
+        caveats=spec.caveats,
     )
 
 
 def curves_report(
-    results_dir: Path | str,
+    results: Path | str | Results,
     *,
     metric: str = "val_loss",
     x: str | None = None,
     threshold: float | None = None,
     title: str | None = None,
+    xlabel: str | None = None,
     ylabel: str | None = None,
+    also: Sequence[str] = (),
+    caveats: Sequence[Caveat] = (),
 ) -> Report:
-    """Mean curves with CI bands of ``metric`` for every configuration under ``results_dir``."""
-    results = aggregate.load_results(results_dir)
+    """Mean curves with CI bands of ``metric`` for every configuration of ``results`` (a
+    directory, read with ``aggregate.load_results``, or runs already loaded)."""
+    source = results
+    if not isinstance(results, Results):
+        results = aggregate.load_results(results)
     x = x or _default_x(results)
     curve_table = aggregate.curves(results, metric, x)
-    table = aggregate.summary(results, metric, x, threshold)
+    table = aggregate.summary(results, metric, x, threshold, also=also)
+    notes = [caveat.text for caveat in caveats if caveat.applies(results)]
     seeds = int(results.runs.groupby("label").size().max())
     figure = plot_curves(
         curve_table,
         labels=results.labels,
         x=x,
+        xlabel=xlabel,
         ylabel=ylabel or metric,
-        title=title or str(results_dir),
+        title=title or str(source),
         note=f"mean and 95% CI over {seeds} seed{'s' if seeds != 1 else ''}",
+        caption=notes,
     )
-    return Report(results, curve_table, table, figure)
+    return Report(results, curve_table, table, figure, notes)
 
 
 def sweep_report(results_dir: Path | str, *, metric: str = "val_loss", x: str | None = None) -> Report:
@@ -160,14 +228,37 @@ def sweep_report(results_dir: Path | str, *, metric: str = "val_loss", x: str | 
     return Report(results, aggregate.curves(results, metric, x), table, figure)
 
 
-def _new_figure() -> tuple[Figure, matplotlib.axes.Axes]:
-    figure = Figure(figsize=(7, 4.5), layout="tight")
+FIGURE_SIZE = (7.0, 4.5)  # inches, without a caption
+CAPTION_WIDTH = 100  # characters per caption line
+CAPTION_LINE_HEIGHT = 0.17  # inches per caption line
+
+
+def _new_figure(caption: Sequence[str] = ()) -> tuple[Figure, matplotlib.axes.Axes]:
+    """A figure with one axes and, below it, ``caption`` (one wrapped paragraph per entry)."""
+    lines = [line for paragraph in caption for line in textwrap.wrap(paragraph, CAPTION_WIDTH)]
+    width, height = FIGURE_SIZE
+    caption_height = CAPTION_LINE_HEIGHT * (len(lines) + 1) if lines else 0.0
+    figure = Figure(figsize=(width, height + caption_height), layout="tight")
+    if lines:
+        bottom = caption_height / (height + caption_height)
+        figure.get_layout_engine().set(rect=(0, bottom, 1, 1))  # keep the axes above it
+        figure.text(0.02, 0.5 * CAPTION_LINE_HEIGHT / (height + caption_height), "\n".join(lines), fontsize=8, va="bottom")
     return figure, figure.add_subplot()
 
 
-def plot_curves(curve_table: pd.DataFrame, *, labels: list[str], x: str, ylabel: str, title: str, note: str) -> Figure:
+def plot_curves(
+    curve_table: pd.DataFrame,
+    *,
+    labels: list[str],
+    x: str,
+    ylabel: str,
+    title: str,
+    note: str,
+    xlabel: str | None = None,
+    caption: Sequence[str] = (),
+) -> Figure:
     with matplotlib.rc_context(STYLE):
-        figure, axes = _new_figure()
+        figure, axes = _new_figure(caption)
         for index, label in enumerate(labels):
             line = curve_table[curve_table.label == label]
             colour = _colour(label, index)
@@ -180,7 +271,7 @@ def plot_curves(curve_table: pd.DataFrame, *, labels: list[str], x: str, ylabel:
         positive = curve_table["mean"][curve_table["mean"] > 0]
         if len(positive):
             axes.set_ylim(bottom=0.5 * positive.min())
-        axes.set_xlabel(f"{x}s" if x in ("epoch", "step") else x)
+        axes.set_xlabel(xlabel or (f"{x}s" if x in ("epoch", "step") else x))
         axes.set_ylabel(ylabel)
         axes.set_title(f"{title}\n{note}", fontsize=12)
         axes.legend()
@@ -237,6 +328,14 @@ def _default_x(results: Results) -> str:
     return "epoch" if results.metrics["epoch"].notna().any() else "step"
 
 
+def _paper_figure(figure: str, results_dir: Path | None) -> Report:
+    """``figure_report``, with an error that names the preset making the missing runs."""
+    try:
+        return figure_report(figure, results_dir)
+    except ResultsError as error:
+        raise ResultsError(f"{error} -m +paper={figure}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.figures", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -258,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command in FIGURES:
-            report, name = figure_report(args.command, args.results), args.command
+            report, name = _paper_figure(args.command, args.results), args.command
         elif args.command == "curves":
             report = curves_report(args.results, metric=args.metric, x=args.x, threshold=args.threshold)
             name = args.name or args.results.name

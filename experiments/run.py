@@ -25,7 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.config import ConfigError, ValidatedRun, validate
+from experiments.config import CONFIG_DIR, CONFIG_NAME, ConfigError, ValidatedRun, validate
 from experiments.data import DatasetError
 from experiments.results import (
     METRICS_FILE,
@@ -45,10 +45,13 @@ progress_log = logging.getLogger("experiments.progress")
 for _logger in (log, progress_log):
     _logger.setLevel(logging.INFO)
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-
 #: How many progress lines a run writes to its log (the CSV has every evaluation).
 LOG_LINES = 10
+
+
+def interactive_terminal() -> bool:
+    """Whether a progress bar has someone to show it to: stderr is a terminal, not under CI."""
+    return sys.stderr.isatty() and not os.environ.get("CI")
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,7 @@ def execute(cfg: DictConfig, *, worker: bool = False) -> RunOutcome:
     )
     progress = settings.train.progress
     if progress is None:
-        progress = not worker and sys.stderr.isatty() and not os.environ.get("CI")
+        progress = not worker and interactive_terminal()
 
     with directory.claim() as claimed:
         if not claimed:
@@ -132,7 +135,7 @@ def _train_into(directory: RunDirectory, run: ValidatedRun, problem: Any, *, pro
     log.info("done %s seed %d: val_loss %.4e after %.1fs", run.variant, seed, final["val_loss"], final["wall_time"])
 
 
-@hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
+@hydra.main(config_path=str(CONFIG_DIR), config_name=CONFIG_NAME, version_base="1.3")
 def main(cfg: DictConfig) -> None:
     worker = HydraConfig.get().mode == RunMode.MULTIRUN
     try:

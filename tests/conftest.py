@@ -7,8 +7,9 @@ from typing import Callable, Sequence
 
 import pytest
 
+from experiments.config import CONFIG_DIR  # noqa: F401  (tests import it from here)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO_ROOT / "configs"
 # Tests never download: they read the data beside the checkout, in ../shared/data.
 SHARED_DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -26,14 +27,9 @@ def data_root() -> Path:
 @pytest.fixture
 def compose() -> Callable[..., object]:
     """``compose(*overrides)``: the config ``python -m experiments.run <overrides>`` would get."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from experiments.config import compose as compose_config
 
-    def _compose(*overrides: str, return_hydra_config: bool = False):
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            return hydra_compose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)
-
-    return _compose
+    return compose_config
 
 
 @pytest.fixture
@@ -41,7 +37,9 @@ def write_run() -> Callable[..., Path]:
     """``write_run(root, variant=..., seed=..., val_loss=[...])`` writes a run directory in
     the harness's format with the given validation curve (one value per epoch from 0), as
     the real driver would, without training anything. ``complete=False`` leaves it as an
-    interrupted run; ``identity`` adds config keys (e.g. {"accel.history": 5})."""
+    interrupted run; ``identity`` adds config keys (e.g. {"accel.history": 5}); ``metrics``
+    adds the problem's own columns (e.g. {"val_rel_l2": [...]}); ``unit="iteration"``
+    writes an iteration-budgeted run (empty epoch column, 10 steps between rows)."""
     from experiments.config import ACCEL_HYPERPARAMETERS, config_digest
     from experiments.results import METRICS_FILE, MetricsWriter, RunDirectory
 
@@ -55,6 +53,8 @@ def write_run() -> Callable[..., Path]:
         complete: bool = True,
         experiment: str = "graduate_admissions",
         name: str = "synthetic",
+        metrics: dict[str, Sequence[float]] | None = None,
+        unit: str = "epoch",
     ) -> Path:
         full_identity = {
             "experiment": experiment,
@@ -79,9 +79,10 @@ def write_run() -> Callable[..., Path]:
                 writer.write(
                     {
                         "step": 10 * epoch,
-                        "epoch": epoch,
+                        "epoch": epoch if unit == "epoch" else None,
                         "train_loss": value,
                         "val_loss": value,
+                        **{column: values[epoch] for column, values in (metrics or {}).items()},
                         "lr": 0.02,
                         "wall_time": 0.01 * epoch,
                         "aa_attempts": 0,
@@ -113,3 +114,33 @@ def fig1_synthetic(tmp_path: Path, write_run) -> Path:
         for seed, curve in seeds.items():
             write_run(root, variant=variant, seed=seed, val_loss=curve)
     return root
+
+
+#: The config keys of each paper preset's runs that decide which caveats its figure carries.
+PRESET_IDENTITY = {
+    "fig1": {},
+    "fig2": {"problem.activation": "relu"},
+    "fig3": {"problem.activation": "relu", "problem.solution_scale": "paper"},
+}
+
+
+@pytest.fixture
+def paper_synthetic(tmp_path: Path, write_run) -> Callable[[str], Path]:
+    """``paper_synthetic(figure)``: FIG1_SYNTHETIC's curves written as the runs of a paper
+    figure's preset (its experiment, budget unit, identity keys and extra metrics, each
+    extra metric 10x the validation loss); returns the results root."""
+    from experiments.figures import FIGURES
+
+    def _make(figure: str) -> Path:
+        spec = FIGURES[figure]
+        root = tmp_path / figure
+        for variant, seeds in FIG1_SYNTHETIC.items():
+            for seed, curve in seeds.items():
+                write_run(
+                    root, variant=variant, seed=seed, val_loss=curve, experiment=spec.experiment,
+                    identity=PRESET_IDENTITY[figure], unit="epoch" if spec.x == "epoch" else "iteration",
+                    metrics={metric: [10 * value for value in curve] for metric in spec.also},
+                )
+        return root
+
+    return _make

@@ -39,7 +39,7 @@ def exact_as_model(solution):
 @pytest.mark.parametrize("scale", ["paper", "unit"])
 def test_exact_100d_solution_and_forcing_satisfy_the_residual_code(scale, method):
     problem = make(Burgers100D, solution_scale=scale, derivatives=method)
-    points = problem.batches(0)[0].collocation_points[:64].double()
+    points = problem.batches(1)[0].collocation_points[:64].double()
     operator = problem.pde_operator(exact_as_model(problem.solution), points)
     forcing = problem.solution.forcing(points, problem.cfg.nu)
     # Relative to the size of the PDE's terms: at the paper's scale they are all ~1e-27.
@@ -60,7 +60,7 @@ def test_exact_100d_model_scores_zero_and_a_zero_model_scores_one():
 def test_relu_network_drops_the_viscous_term():
     problem = make(Burgers2D, activation="relu")
     model = problem.build_model()
-    points = problem.batches(0)[0].collocation_points
+    points = problem.batches(1)[0].collocation_points
     assert torch.equal(
         problem.pde_operator(model, points),
         make(Burgers2D, activation="relu", nu=1.0).pde_operator(model, points),
@@ -128,7 +128,7 @@ def test_omegaconf_sections_are_accepted_and_checked():
 
 def test_batch_sizes_faces_and_data():
     problem = make(Burgers2D)
-    (batch,) = problem.batches(0)
+    (batch,) = problem.batches(1)
     assert batch.data_points.shape == (400, 2) and batch.collocation_points.shape == (4000, 2)
     initial = batch.data_points[:, 1] == 0
     assert initial.sum() == 200
@@ -149,7 +149,7 @@ def test_batch_sizes_faces_and_data():
 
 def test_100d_lateral_points_lie_on_one_face_and_carry_zero_data():
     problem = make(Burgers100D, solution_scale="unit")
-    (batch,) = problem.batches(0)
+    (batch,) = problem.batches(1)
     lateral = batch.data_points[:, -1] != 0
     on_face = batch.data_points[lateral, :-1].abs() == 1
     assert torch.all(on_face.sum(1) == 1)
@@ -162,21 +162,37 @@ def test_100d_lateral_points_lie_on_one_face_and_carry_zero_data():
 
 def test_points_are_redrawn_every_resample_every_iterations_and_depend_on_the_seed():
     problem = make(Burgers2D, resample_every=3)
-    first = problem.batches(0)[0]
-    assert problem.batches(2)[0] is first
-    redrawn = problem.batches(3)[0]
+    first = problem.batches(1)[0]
+    assert problem.batches(3)[0] is first  # iterations 1, 2, 3
+    redrawn = problem.batches(4)[0]
     assert not torch.equal(redrawn.collocation_points, first.collocation_points)
     # deterministic given the seed (and independent of the order of calls)
     again = make(Burgers2D, resample_every=3)
-    assert torch.equal(again.batches(3)[0].collocation_points, redrawn.collocation_points)
-    assert torch.equal(again.batches(1)[0].collocation_points, first.collocation_points)
+    assert torch.equal(again.batches(6)[0].collocation_points, redrawn.collocation_points)
+    assert torch.equal(again.batches(2)[0].collocation_points, first.collocation_points)
     other_seed = make(Burgers2D, seed=1, resample_every=3)
-    assert not torch.equal(other_seed.batches(0)[0].collocation_points, first.collocation_points)
+    assert not torch.equal(other_seed.batches(1)[0].collocation_points, first.collocation_points)
+
+
+def test_redraws_start_with_the_learning_rate_stages_of_the_same_length():
+    """The training loop runs iterations 1..budget; iteration u has schedule stage (u-1)//500."""
+    from experiments.config import ScheduleConfig
+    from experiments.training import scheduled_lr
+
+    problem = make(Burgers2D, resample_every=500, n_collocation=10)
+    schedule = ScheduleConfig(every=500, gamma=0.2)
+    for first, last in ((1, 500), (501, 1000)):
+        assert problem.batches(last)[0] is problem.batches(first)[0]
+        assert scheduled_lr(last - 1, 0.01, schedule) == scheduled_lr(first - 1, 0.01, schedule)
+    redrawn = problem.batches(501)[0].collocation_points
+    assert not torch.equal(redrawn, problem.batches(500)[0].collocation_points)
+    with pytest.raises(ValueError, match="numbered from 1"):
+        problem.batches(0)
 
 
 def test_resample_every_zero_draws_once():
     problem = make(Burgers2D, resample_every=0)
-    assert problem.batches(10_000)[0] is problem.batches(0)[0]
+    assert problem.batches(10_000)[0] is problem.batches(1)[0]
 
 
 def test_model_depends_on_the_seed_only():
@@ -199,7 +215,7 @@ def test_model_depends_on_the_seed_only():
 def test_loss_works_under_no_grad_with_the_same_value(problem_class, method):
     problem = make(problem_class, activation="tanh", derivatives=method, n_collocation=200)
     model = problem.build_model()
-    (batch,) = problem.batches(0)
+    (batch,) = problem.batches(1)
     loss = problem.loss(model, batch)
     assert loss.grad_fn is not None
     with torch.no_grad():
@@ -227,7 +243,7 @@ def test_training_reduces_the_2d_loss():
     model = problem.build_model()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     before = problem.evaluate(model)
-    for unit in range(60):
+    for unit in range(1, 61):
         (batch,) = problem.batches(unit)
         optimizer.zero_grad()
         problem.loss(model, batch).backward()

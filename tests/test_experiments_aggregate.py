@@ -134,3 +134,22 @@ def test_markdown_summary_shows_mean_and_interval(fig1_synthetic):
     assert len(lines) == 2 + 3
     mean, low, high = t_interval([0.008, 0.01, 0.012])
     assert f"{mean:.4g} [{low:.4g}, {high:.4g}]" in lines[4]
+
+
+def test_load_runs_reads_exactly_the_given_run_directories(tmp_path, write_run):
+    """What the demo relies on: other configurations stored beside its runs stay out."""
+    mine = [write_run(tmp_path, variant="Adam", seed=seed, val_loss=[1.0, 0.5]) for seed in range(2)]
+    write_run(tmp_path, variant="Adam", seed=0, val_loss=[1.0, 0.1], identity={"train.iterations": 7})
+    results = aggregate.load_runs(mine)
+    assert results.labels == ["Adam"] and sorted(results.runs["seed"]) == [0, 1]
+    assert len(load_results(tmp_path).runs) == 3
+    with pytest.raises(ResultsError):
+        aggregate.load_runs([])
+
+
+def test_summary_adds_the_final_value_of_other_metrics(tmp_path, write_run):
+    for seed, rel in enumerate([0.2, 0.4]):
+        write_run(tmp_path, variant="Adam", seed=seed, val_loss=[1.0, 0.5], metrics={"val_rel_l2": [1.0, rel]})
+    table = aggregate.summary(load_results(tmp_path), also=("val_rel_l2",))
+    assert table["final_val_rel_l2_mean"].iloc[0] == pytest.approx(0.3)
+    assert list(aggregate.format_summary(table).columns[:4]) == ["configuration", "seeds", "final val_loss", "final val_rel_l2"]

@@ -154,3 +154,46 @@ def test_data_root_defaults_to_the_environment_variable(compose, monkeypatch):
     assert validate(compose("data.root=/explicit")).config.data.root == "/explicit"
     monkeypatch.delenv("AADL_DATA_ROOT")
     assert validate(compose()).config.data.root == "data"
+
+
+@pytest.mark.parametrize(
+    "preset, experiment, network, lr, every, gamma, p_q_m",
+    [
+        ("fig2", "burgers2d", (8, 20), 0.01, 500, 0.2, (10, 5, 5)),
+        ("fig3", "burgers100d", (4, 50), 0.05, 1000, 0.5, (1, 1, 20)),
+    ],
+)
+def test_burgers_presets_carry_the_papers_settings(compose, preset, experiment, network, lr, every, gamma, p_q_m):
+    """The settings table of ../shared/spec/aadl-algorithm.md, three variants x seeds 0-19."""
+    cfg = compose(f"+paper={preset}", return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert sorted(params["accel"].split(",")) == ["aadl", "aadl_ma", "none"] and params["seed"] == "range(0,20)"
+    assert cfg.output.name == preset
+    for accel in ("none", "aadl", "aadl_ma"):
+        run = validate(compose(f"+paper={preset}", f"accel={accel}"))
+        settings, problem = run.config, run.problem_config
+        assert settings.experiment == experiment and run.problem_class.budget_unit == "iteration"
+        assert (problem.depth, problem.width, problem.activation) == (*network, "relu")
+        assert (settings.optimizer.name, settings.optimizer.lr) == ("adam", lr)
+        assert (settings.schedule.every, settings.schedule.gamma) == (every, gamma)
+        assert (settings.accel.frequency, settings.accel.store_every, settings.accel.history) == p_q_m
+        assert (settings.accel.relaxation, settings.accel.average_threshold) == (1.0, 0.1)
+        # The budget spans whole learning-rate stages and every curve has ~200-300 points.
+        assert settings.train.iterations % every == 0 and settings.train.epochs is None
+        assert 200 <= settings.train.iterations // settings.train.eval_every <= 500
+    assert validate(compose(f"+paper={preset}")).problem_config.resample_every == 500
+
+
+def test_preset_sweep_lists_what_a_preset_runs():
+    from experiments.config import preset_sweep
+
+    sweep = preset_sweep("fig2")
+    assert sweep["accel"] == ["aadl_ma", "aadl", "none"] and sweep["seed"] == [str(s) for s in range(20)]
+
+
+@pytest.mark.parametrize("override", ["problem.width=0", "problem.activation=gelu", "problem.resample_every=-1"])
+def test_burgers_problem_values_out_of_range_are_config_errors(compose, override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError) as error:
+        validate(compose("experiment=burgers2d", override))
+    assert error.value.key == key and str(error.value).startswith(f"{key}: ")

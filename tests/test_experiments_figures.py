@@ -15,7 +15,7 @@ from conftest import FIG1_SYNTHETIC, REPO_ROOT
 from experiments import aggregate, figures
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-NOTEBOOKS = sorted((REPO_ROOT / "notebooks").glob("fig1_*.ipynb"))
+NOTEBOOKS = sorted((REPO_ROOT / "notebooks").glob("fig*_*.ipynb"))
 
 
 def test_fig1_plots_the_mean_curves_with_bands_on_a_log_scale(fig1_synthetic):
@@ -94,13 +94,57 @@ def test_missing_results_are_reported_not_raised(tmp_path, capsys):
     assert "no complete runs" in capsys.readouterr().err
 
 
-def test_fig1_notebook_exists():
-    assert NOTEBOOKS, "notebooks/fig1_*.ipynb is missing"
+@pytest.mark.parametrize("figure", ["fig2", "fig3"])
+def test_burgers_figures_plot_validation_mse_against_iterations(paper_synthetic, figure):
+    report = figures.figure_report(figure, paper_synthetic(figure))
+    axes = report.figure.axes[0]
+    assert axes.get_xlabel() == "iterations" and axes.get_yscale() == "log"
+    assert [line.get_label() for line in axes.get_lines()] == ["Adam", "Adam+AADL", "Adam+AADL+MA"]
+    np.testing.assert_allclose(axes.get_lines()[0].get_xdata(), [0, 10, 20, 30, 40])  # steps
+    np.testing.assert_allclose(axes.get_lines()[0].get_ydata(), np.mean(list(FIG1_SYNTHETIC["Adam"].values()), axis=0))
+
+
+@pytest.mark.parametrize("figure", ["fig2", "fig3"])
+def test_burgers_summary_reports_the_relative_error_beside_the_validation_mse(paper_synthetic, figure):
+    report = figures.figure_report(figure, paper_synthetic(figure))
+    finals = {variant: [10 * curve[-1] for curve in seeds.values()] for variant, seeds in FIG1_SYNTHETIC.items()}
+    assert report.summary["final_val_rel_l2_mean"].tolist() == pytest.approx([np.mean(v) for v in finals.values()])
+    header = report.summary_markdown.splitlines()[0]
+    assert "| final val_loss | final val_rel_l2 |" in header
+
+
+def test_fig3_caption_and_summary_state_the_1e_27_caveat(paper_synthetic):
+    report = figures.figure_report("fig3", paper_synthetic("fig3"))
+    caption = " ".join(text.get_text() for text in report.figure.texts)
+    for shown in (caption.replace("\n", " "), report.summary_markdown):
+        assert "1e-27" in shown and "val_rel_l2" in shown and "ReLU" in shown
+
+
+def test_caveats_follow_the_runs_settings(tmp_path, write_run):
+    """A caveat about the paper's ReLU is not shown for runs made with tanh."""
+    for variant in ("Adam", "Adam+AADL"):
+        for seed in range(2):
+            write_run(tmp_path, variant=variant, seed=seed, val_loss=[1.0, 0.5], experiment="burgers2d",
+                      identity={"problem.activation": "tanh"}, unit="iteration", metrics={"val_rel_l2": [1.0, 0.4]})
+    report = figures.figure_report("fig2", tmp_path)
+    assert report.notes == [] and "Note:" not in report.summary_markdown and not report.figure.texts
+    assert figures.figure_report("fig2", aggregate.load_results(tmp_path)).summary.equals(report.summary)
+
+
+def test_missing_paper_figure_runs_name_the_preset(tmp_path, capsys):
+    assert figures.main(["fig3", "--results", str(tmp_path), "--out", str(tmp_path / "out")]) == 1
+    assert "+paper=fig3" in capsys.readouterr().err
+
+
+def test_every_paper_figure_has_a_notebook():
+    assert sorted(path.name.split("_")[0] for path in NOTEBOOKS) == sorted(figures.FIGURES)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_runs_headless_on_a_results_set(path: Path, fig1_synthetic, monkeypatch):
-    monkeypatch.setenv("AADL_RESULTS_DIR", str(fig1_synthetic))
+def test_notebook_runs_headless_on_a_results_set(path: Path, paper_synthetic, monkeypatch):
+    figure = path.name.split("_")[0]
+    results = paper_synthetic(figure)
+    monkeypatch.setenv("AADL_RESULTS_DIR", str(results))
     notebook = nbformat.read(path, as_version=4)
     NotebookClient(notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
@@ -108,4 +152,6 @@ def test_notebook_runs_headless_on_a_results_set(path: Path, fig1_synthetic, mon
     assert any("image/png" in o.get("data", {}) for o in outputs)
     text = "".join(o.get("data", {}).get("text/markdown", "") + o.get("text", "") for o in outputs)
     assert "9 complete runs" in text and "| Adam+AADL+MA | 3 |" in text
-    assert os.environ["AADL_RESULTS_DIR"] == str(fig1_synthetic)
+    if figure == "fig3":
+        assert "1e-27" in text and "final val_rel_l2" in text
+    assert os.environ["AADL_RESULTS_DIR"] == str(results)

@@ -189,3 +189,50 @@ def test_a_run_held_by_another_process_is_left_alone(compose, data_root, tmp_pat
         outcome = execute(cfg)
         assert outcome.status == "busy" and not (directory.path / "metrics.csv").exists()
     assert execute(cfg).status == "completed"  # once released, it runs
+
+
+BURGERS_ITERATIONS = 4
+
+
+@pytest.mark.parametrize("experiment", ["burgers2d", "burgers100d"])
+@pytest.mark.parametrize("accel", ["none", "aadl_ma"])
+def test_short_burgers_run_writes_complete_schema_valid_metrics(compose, tmp_path, experiment, accel):
+    cfg = compose(
+        f"experiment={experiment}", f"accel={accel}", f"train.iterations={BURGERS_ITERATIONS}",
+        "train.eval_every=2", f"output.root={tmp_path}",
+    )
+    outcome = execute(cfg)
+    assert outcome.status == "completed" and RunDirectory(outcome.path).is_complete()
+    metrics = read_metrics(outcome.path)
+    problem_metrics = ["val_mse_u", "val_mse_f", "val_rel_l2"]
+    assert list(metrics.columns) == [*METRICS_COLUMNS[: METRICS_COLUMNS.index("lr")], *problem_metrics, *METRICS_COLUMNS[METRICS_COLUMNS.index("lr"):]]
+    # Iteration budget: one step per iteration, rows at 0, 2, 4, no epochs.
+    assert metrics["step"].tolist() == [0, 2, 4] and metrics["epoch"].isna().all()
+    assert metrics["val_loss"].to_numpy() == pytest.approx((metrics["val_mse_u"] + metrics["val_mse_f"]).to_numpy(), rel=1e-5)
+    assert (metrics["val_rel_l2"] > 0).all() and metrics[problem_metrics].notna().all().all()
+    assert set(metrics["lr"]) == {cfg.optimizer.lr}
+    if accel == "aadl_ma":
+        first = metrics.iloc[0]
+        assert (first.frequency, first.store_every, first.history) == (cfg.accel.frequency, cfg.accel.store_every, cfg.accel.history)
+    meta = json.loads((outcome.path / "meta.json").read_text())
+    assert meta["status"] == "complete" and meta["final"]["val_rel_l2"] == pytest.approx(metrics["val_rel_l2"].iloc[-1])
+    notes = " ".join(meta["notes"])
+    assert "activation=relu" in notes and ("1e-27" in notes) is (experiment == "burgers100d")
+    assert f"iteration {BURGERS_ITERATIONS}/{BURGERS_ITERATIONS}" in (outcome.path / "run.log").read_text()
+
+
+def test_cli_runs_the_fig3_preset_and_its_figure_reports_the_relative_error(tmp_path):
+    """The real command line for a Burgers preset (no data needed), then its figure."""
+    from experiments.figures import figure_report
+
+    env = {**os.environ, "CI": "1"}
+    command = [
+        sys.executable, "-m", "experiments.run", "-m", "+paper=fig3", "seed=0,1", "train.iterations=2",
+        "train.eval_every=1", f"output.root={tmp_path / 'runs'}", f"hydra.sweep.dir={tmp_path / 'hydra'}",
+    ]
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = figure_report("fig3", tmp_path / "runs" / "burgers100d" / "fig3")
+    assert report.results.labels == ["Adam", "Adam+AADL", "Adam+AADL+MA"] and len(report.results.runs) == 6
+    assert report.summary["final_val_rel_l2_mean"].gt(0).all()
+    assert "1e-27" in report.summary_markdown

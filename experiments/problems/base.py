@@ -35,8 +35,8 @@ class Problem(abc.ABC):
 
     @abc.abstractmethod
     def batches(self, unit: int) -> Iterable[Any]:
-        """Batches of one budget unit: a shuffled pass over the training set for "epoch",
-        exactly one batch for "iteration"."""
+        """Batches of budget unit number ``unit`` (the training loop calls 1, 2, ..., budget):
+        a shuffled pass over the training set for "epoch", exactly one batch for "iteration"."""
 
     @abc.abstractmethod
     def loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:

@@ -32,6 +32,7 @@ from experiments.burgers_exact import (
     ProductSolution,
     burgers2d_on_grid,
 )
+from experiments.config import require
 from experiments.pinn import ACTIVATIONS, DERIVATIVE_METHODS, PinnMLP, input_derivatives
 from experiments.problems.base import Problem
 
@@ -41,8 +42,8 @@ from experiments.problems.base import Problem
 
 
 def _require(ok: bool, field_name: str, rule: str, value: Any) -> None:
-    if not ok:
-        raise ValueError(f"problem.{field_name}: {rule}, got {value!r}")
+    # ConfigError (a ValueError) is what the driver reports as "error: problem.<field>: ...".
+    require(ok, f"problem.{field_name}", rule, value)
 
 
 @dataclass
@@ -272,8 +273,13 @@ class BurgersProblem(Problem):
         return model.to(self.device)
 
     def batches(self, unit: int) -> list[PinnBatch]:
+        """The batch of iteration ``unit`` (1-based): iterations 1..resample_every share the
+        first draw, and so on, so a redraw starts a learning-rate stage of the same length
+        (the schedule's stage of iteration u is (u - 1) // every)."""
+        if unit < 1:
+            raise ValueError(f"iterations are numbered from 1, got {unit}")
         every = self.cfg.resample_every
-        draw = unit // every if every else 0
+        draw = (unit - 1) // every if every else 0
         if self._training is None or self._training[0] != draw:
             self._training = (draw, self._draw_batch(_Stream.TRAINING, draw))
         return [self._training[1]]
