@@ -200,3 +200,17 @@ def test_block_threads_survive_a_fork():
     with context.Pool(1) as pool:
         got = pool.apply_async(_row_dots_in_forked_child, (rows, vector)).get(timeout=60)
     assert torch.equal(got, expected)
+
+
+def test_block_workers_run_single_threaded_and_leave_the_caller_alone():
+    """Each block worker is one core's thread: torch ops in it must not start parallel
+    regions of their own (two workers x two OpenMP threads made the QR blocks 6x slower),
+    and pinning them must not change the caller's thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        pool = kernels._executor(2)
+        assert pool.submit(torch.get_num_threads).result() == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
