@@ -84,11 +84,11 @@ class RowLayout:
         """All-gather every rank's padded shard into ``full`` (length ``padded_length``)."""
         if not self.sharded:
             raise RuntimeError("gather_shards is only meaningful for the sharded layout")
-        try:
-            dist.all_gather_into_tensor(full, local, group=self.group)
-        except (RuntimeError, NotImplementedError):
-            # Older gloo builds lack the flat all-gather; the list form writes into views.
-            dist.all_gather(list(full.split(self.shard_length)), local, group=self.group)
+        # No try/except fallback here: a collective that failed on one rank and is retried
+        # in another form would pair with a different collective on the others.
+        # all_gather_single replaces all_gather_into_tensor (deprecated in torch 2.14).
+        flat_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        flat_all_gather(full, local, group=self.group)
         return full
 
     def gather_small(self, local: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,10 @@
 """Two real processes on gloo: replicated and sharded AA equal one full-batch process."""
 
+import faulthandler
 import math
 import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,13 +73,38 @@ def run(settings, rank=0, world=1):
 
 
 def _worker(rank, init_file, out_dir):
+    # Everything this rank prints, C++ aborts and fatal-signal tracebacks included, goes to
+    # its own log, so that a crash in CI says where it happened.
+    log = open(os.path.join(out_dir, f"rank{rank}.log"), "w", buffering=1)
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    faulthandler.enable(file=log, all_threads=True)
+    # Loopback for gloo's pairs: the rendezvous must not depend on what the host name
+    # resolves to on the test machine.
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     try:
         results = {name: run(settings, rank, WORLD) for name, settings in CASES.items()}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        print(f"rank {rank}: results written", flush=True)
     finally:
         dist.destroy_process_group()
+    print(f"rank {rank}: process group destroyed", flush=True)
+    # Skip interpreter finalisation: gloo's threads can still hold tensors then, and
+    # tearing them down without the GIL aborts the process (pytorch/pytorch#179291).
+    # Everything the test needs is on disk by now.
+    log.flush()
+    os._exit(0)
+
+
+def _logs(out_dir: Path) -> str:
+    parts = []
+    for rank in range(WORLD):
+        path = out_dir / f"rank{rank}.log"
+        text = path.read_text(errors="replace") if path.exists() else "(no log written)"
+        parts.append(f"--- rank {rank} log (last 3000 characters) ---\n{text[-3000:]}")
+    return "\n".join(parts)
 
 
 @pytest.fixture(scope="module")
@@ -85,11 +112,14 @@ def distributed_results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
     context = mp.spawn(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=False)
     deadline = time.monotonic() + 180
-    while not context.join(timeout=1):  # a rank stuck in a collective must not hang CI
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.terminate()
-            pytest.fail("distributed workers did not finish within 180 s (a collective mismatch?)")
+    try:
+        while not context.join(timeout=1):  # a rank stuck in a collective must not hang CI
+            if time.monotonic() > deadline:
+                for process in context.processes:
+                    process.terminate()
+                pytest.fail(f"distributed workers did not finish within 180 s (a collective mismatch?)\n{_logs(tmp)}")
+    except (mp.ProcessExitedException, mp.ProcessRaisedException) as error:
+        pytest.fail(f"a distributed worker failed: {error}\n{_logs(tmp)}")
     return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
