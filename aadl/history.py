@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import row_dots
+from .kernels import row_dots, row_dots_and_square
 
 
 class AndersonHistory:
@@ -49,18 +49,19 @@ class AndersonHistory:
         history; ``residual`` is r_k, which becomes the stored residual. Returns
         ``dR^T r_k`` over the held columns (float64, slot order).
 
-        One pass over dR gives ``b = dR^T r_k``. The new Gram column follows without a
-        second pass: ``dR_j . dR_new = dR_j . r_k - dR_j . r_s = b_j - (dR^T r_s)_j``, the
-        second term kept from the previous append. The dot products are exact-product
+        One pass over dR gives ``b = dR^T r_k`` and the diagonal entry ``|dR_new|^2``. The
+        rest of the new Gram column follows without a second pass:
+        ``dR_j . dR_new = dR_j . r_k - dR_j . r_s = b_j - (dR^T r_s)_j``, the second term
+        kept from the previous append. The dot products are exact-product
         float64 sums (aadl.kernels), so the subtraction loses nothing the float32 column
         still had.
         """
         self.count = min(self.count + 1, self.capacity)
         self.next_slot = (slot + 1) % self.capacity
         held = self.count
-        b = row_dots(self.dR[:held], [residual])[:, 0]
-        new_column = b[:held] - self.stored_dots[:held]
-        new_column[slot] = row_dots(self.dR[slot : slot + 1], [self.dR[slot]])[0, 0]
+        b, square = row_dots_and_square(self.dR[:held], residual, slot)
+        new_column = b - self.stored_dots[:held]
+        new_column[slot] = square
         self.gram[slot, :held] = new_column
         self.gram[:held, slot] = new_column
         self.stored_dots[:held] = b

@@ -14,6 +14,11 @@ QR, the moving-average statistics) is split into row blocks:
 * On CPU the blocks are spread over ``torch.get_num_threads()`` Python threads: MKL's
   matrix-vector product for this shape runs on one core, and splitting the rows recovers
   the memory bandwidth of all of them. Torch releases the GIL inside each call.
+* Nothing is allocated per block: temporaries live in per-thread scratch buffers.
+* On CPU, the dot products and the mixing run as the numba loops of
+  ``aadl.cpu_kernels`` when numba is installed (``compiled_loops_enabled``): one read of
+  each entry instead of a float64 copy and several torch operations per block. The torch
+  versions below serve GPUs, other dtypes and machines without numba.
 """
 
 from __future__ import annotations
@@ -24,7 +29,13 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+import numpy as np
 import torch
+
+try:
+    from . import cpu_kernels as _compiled
+except ImportError:  # numba is not installed: the torch versions serve
+    _compiled = None
 
 CPU_BLOCK = 32768
 CUDA_BLOCK = 1 << 18
@@ -88,22 +99,57 @@ def block_size(device: torch.device) -> int:
     return CPU_BLOCK if device.type == "cpu" else CUDA_BLOCK
 
 
+def _block_bounds(length: int, device: torch.device) -> list[tuple[int, int]]:
+    size = block_size(device)
+    return [(lo, min(length, lo + size)) for lo in range(0, length, size)] or [(0, 0)]
+
+
+def _map_chunks(count: int, device: torch.device, work: Callable[[int, int], _T]) -> list[_T]:
+    """``work(first, last)`` over consecutive ranges of ``count`` blocks, one range per
+    worker thread on CPU; results in range order."""
+    wanted = BLOCK_WORKERS if BLOCK_WORKERS is not None else torch.get_num_threads()
+    workers = min(wanted, count) if device.type == "cpu" else 1
+    if workers <= 1:
+        return [work(0, count)]
+    per = -(-count // workers)
+    ranges = [(first, min(count, first + per)) for first in range(0, count, per)]
+    futures = [_executor(workers).submit(work, first, last) for first, last in ranges]
+    return [f.result() for f in futures]
+
+
 def map_blocks(length: int, device: torch.device, work: Callable[[int, int], _T]) -> list[_T]:
     """``[work(lo, hi) for each row block]`` in block order, on CPU spread over threads."""
-    size = block_size(device)
-    bounds = [(lo, min(length, lo + size)) for lo in range(0, length, size)] or [(0, 0)]
-    wanted = BLOCK_WORKERS if BLOCK_WORKERS is not None else torch.get_num_threads()
-    workers = min(wanted, len(bounds)) if device.type == "cpu" else 1
-    if workers <= 1:
-        return [work(lo, hi) for lo, hi in bounds]
-    per = -(-len(bounds) // workers)
-    chunks = [bounds[i : i + per] for i in range(0, len(bounds), per)]
-    futures = [_executor(workers).submit(lambda c=c: [work(lo, hi) for lo, hi in c]) for c in chunks]
-    return [r for f in futures for r in f.result()]
+    bounds = _block_bounds(length, device)
+    chunks = _map_chunks(len(bounds), device, lambda first, last: [work(lo, hi) for lo, hi in bounds[first:last]])
+    return [r for chunk in chunks for r in chunk]
 
 
-def _as_float64(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype == torch.float64 else x.to(torch.float64)
+def compiled_loops_enabled() -> bool:
+    """Whether CPU passes use the numba loops of ``aadl.cpu_kernels``: when numba is
+    installed, unless the environment says ``AADL_CPU_KERNELS=torch``."""
+    choice = os.environ.get("AADL_CPU_KERNELS", "auto")
+    if choice not in ("auto", "numba", "torch"):
+        raise ValueError(f"AADL_CPU_KERNELS: 'auto', 'numba' or 'torch', got {choice!r}")
+    if choice == "numba" and _compiled is None:
+        raise ImportError("AADL_CPU_KERNELS=numba, but numba is not installed (pip install numba)")
+    return _compiled is not None and choice != "torch"
+
+
+def _compiled_applies(rows: torch.Tensor, *vectors: torch.Tensor) -> bool:
+    """The numba loops take CPU float32/float64 rows with unit column stride and
+    contiguous vectors of the same dtype."""
+    if rows.device.type != "cpu" or rows.dtype not in (torch.float32, torch.float64) or rows.stride(-1) != 1:
+        return False
+    if any(v.device.type != "cpu" or v.dtype != rows.dtype or not v.is_contiguous() for v in vectors):
+        return False
+    return compiled_loops_enabled()
+
+
+def _compiled_blocks(length: int, work: Callable[[np.ndarray, np.ndarray, slice], None]) -> None:
+    """Run ``work(starts, stops, blocks)`` for each worker's range of CPU blocks."""
+    bounds = np.asarray(_block_bounds(length, torch.device("cpu")), dtype=np.int64).reshape(-1, 2)
+    starts, stops = np.ascontiguousarray(bounds[:, 0]), np.ascontiguousarray(bounds[:, 1])
+    _map_chunks(len(starts), torch.device("cpu"), lambda a, b: work(starts[a:b], stops[a:b], slice(a, b)))
 
 
 def _thread_scratch(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -121,21 +167,71 @@ def _thread_scratch(shape: Sequence[int], dtype: torch.dtype, device: torch.devi
     return buffer[:numel].view(tuple(shape))
 
 
-def row_dots(rows: torch.Tensor, vectors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``rows @ stack(vectors).T`` as float64: (h, k) dot products of h rows with k vectors."""
-    h, length = rows.shape
+def _float64_block(rows: torch.Tensor, vectors: Sequence[torch.Tensor], lo: int, hi: int) -> torch.Tensor:
+    """Columns [lo, hi) of ``rows`` stacked over those of ``vectors``, as float64, in this
+    thread's scratch: no per-block allocation (hundreds of 256 KB temporaries per pass
+    fragment the worker threads' malloc arenas, ~1.4 n floats of resident memory at
+    n = 25.6e6)."""
+    h = rows.shape[0]
+    block = _thread_scratch((h + len(vectors), hi - lo), torch.float64, rows.device)
+    block[:h].copy_(rows[:, lo:hi])
+    for i, v in enumerate(vectors):
+        block[h + i].copy_(v[lo:hi])
+    return block
 
-    def work(lo: int, hi: int) -> torch.Tensor:
-        block = rows[:, lo:hi]
-        if block.dtype != torch.float64:
-            block = _thread_scratch(block.shape, torch.float64, block.device).copy_(block)
-        return torch.stack([torch.mv(block, _as_float64(v[lo:hi])) for v in vectors], dim=1)
 
-    partials = map_blocks(length, rows.device, work)
-    total = torch.zeros(h, len(vectors), dtype=torch.float64, device=rows.device)
+def _sum_in_order(partials: Sequence[torch.Tensor]) -> torch.Tensor:
+    total = torch.zeros_like(partials[0])
     for p in partials:
         total += p
     return total
+
+
+def _compiled_dots(rows: torch.Tensor, vector: torch.Tensor, square_row: int) -> torch.Tensor:
+    """(h + 1,) float64: rows @ vector, then |rows[square_row]|^2 (0 when square_row < 0)."""
+    h, length = rows.shape
+    partials = np.zeros((len(_block_bounds(length, rows.device)), h + 1))
+    r, v = rows.numpy(), vector.numpy()
+
+    def work(starts: np.ndarray, stops: np.ndarray, blocks: slice) -> None:
+        _compiled.block_dots(r, h, v, starts, stops, square_row, partials[blocks])
+
+    _compiled_blocks(length, work)
+    return torch.from_numpy(partials.sum(axis=0))
+
+
+def row_dots(rows: torch.Tensor, vectors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``rows @ stack(vectors).T`` as float64: (h, k) dot products of h rows with k vectors."""
+    h = rows.shape[0]
+    if _compiled_applies(rows, *vectors):
+        return torch.stack([_compiled_dots(rows, v, -1)[:h] for v in vectors], dim=1)
+
+    def work(lo: int, hi: int) -> torch.Tensor:
+        block = _float64_block(rows, vectors, lo, hi)
+        return torch.stack([torch.mv(block[:h], block[h + i]) for i in range(len(vectors))], dim=1)
+
+    return _sum_in_order(map_blocks(rows.shape[1], rows.device, work))
+
+
+def row_dots_and_square(rows: torch.Tensor, vector: torch.Tensor, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows @ vector, rows[row] . rows[row])`` as float64, in one pass over ``rows``.
+
+    The Gram update needs both; the square comes from the float64 block already in cache,
+    where a pass of its own would read the row from memory again (a tenth of the step at
+    m = 20, most of it per-block overhead).
+    """
+    h = rows.shape[0]
+    if _compiled_applies(rows, vector):
+        total = _compiled_dots(rows, vector, row)
+        return total[:-1], total[-1]
+
+    def work(lo: int, hi: int) -> torch.Tensor:
+        block = _float64_block(rows, [vector], lo, hi)
+        own = block[row]
+        return torch.cat([torch.mv(block[:h], block[h]), torch.dot(own, own).reshape(1)])
+
+    total = _sum_in_order(map_blocks(rows.shape[1], rows.device, work))
+    return total[:-1], total[-1]
 
 
 def mix(
@@ -148,20 +244,43 @@ def mix(
 ) -> torch.Tensor:
     """``out = base + shift_weight * shift - rows.T @ coefficients`` in one pass.
 
-    Returns the float64 sum of ``out``: finite exactly when every entry is (a sum of
-    float32 numbers cannot overflow in float64), so no separate scan is needed.
+    Returns a float64 scalar that is finite exactly when every entry of ``out`` is (the
+    sum of ``out`` unless that overflows), so no separate scan is needed. Blocks are summed
+    in ``out``'s dtype: a float64 sum would allocate a float64 copy of every block, which
+    fragments the worker threads' malloc arenas (~2 n floats of resident memory at
+    n = 25.6e6); the numba loop sums each block in float64 as it goes. An infinite or NaN entry makes its block's sum non-finite; a non-finite sum
+    of finite entries (an overflow) is told apart by an exact check, on that rare path only.
     """
     coefficients = coefficients.to(device=rows.device, dtype=rows.dtype)
     use_shift = shift is not None and shift_weight != 0.0
+    if _compiled_applies(rows, out, base, *((shift,) if use_shift else ())):
+        h, length = rows.shape
+        sums = np.zeros(len(_block_bounds(length, rows.device)))
+        arrays = (out.numpy(), base.numpy(), rows.numpy(), h, coefficients.contiguous().numpy())
+        shift_array = shift.numpy() if use_shift else arrays[1]
+        weight = np.array([shift_weight if use_shift else 0.0], dtype=arrays[0].dtype)
+
+        def work(starts: np.ndarray, stops: np.ndarray, blocks: slice) -> None:
+            _compiled.block_mix(*arrays, shift_array, weight, starts, stops, sums[blocks])
+
+        _compiled_blocks(length, work)
+        return torch.tensor(sums.sum(), dtype=torch.float64)
 
     def work(lo: int, hi: int) -> torch.Tensor:
         piece = out[lo:hi]
         torch.addmv(base[lo:hi], rows[:, lo:hi].T, coefficients, alpha=-1, out=piece)
         if use_shift:
             piece.add_(shift[lo:hi], alpha=shift_weight)
-        return piece.sum(dtype=torch.float64)
+        return piece.sum()
 
-    return torch.stack(map_blocks(out.numel(), out.device, work)).sum()
+    total = torch.stack(map_blocks(out.numel(), out.device, work)).to(torch.float64).sum()
+    if not bool(torch.isfinite(total)):
+        every_entry_finite = all(
+            bool(b) for b in map_blocks(out.numel(), out.device, lambda lo, hi: torch.isfinite(out[lo:hi]).all())
+        )
+        if every_entry_finite:
+            return torch.zeros((), dtype=torch.float64, device=out.device)
+    return total
 
 
 def streaming_r_factor(rows: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
@@ -174,12 +293,17 @@ def streaming_r_factor(rows: torch.Tensor, vector: torch.Tensor) -> torch.Tensor
 
     def work(lo: int, hi: int) -> torch.Tensor:
         # Filled row by row (contiguous copies) into this thread's reused float64 scratch;
-        # its transpose is the column-major block LAPACK works on. A fresh concatenation
-        # and its float64 copy per block cost 25% more.
+        # its transpose is the column-major block LAPACK works on, factorised in place by
+        # geqrf (R is its upper triangle). torch.linalg.qr(mode="r") gives the same R
+        # but copies each block (5 MB at m = 20) in the worker threads, which fragments
+        # their malloc arenas: 20-40 n floats of resident memory at n = 25.6e6.
         block = _thread_scratch((h + 1, hi - lo), torch.float64, rows.device)
         block[:h].copy_(rows[:, lo:hi])
         block[h].copy_(vector[lo:hi])
-        return torch.linalg.qr(block.T, mode="r").R
+        columns = block.T
+        tau = torch.empty(min(hi - lo, h + 1), dtype=torch.float64, device=rows.device)
+        factored, _ = torch.geqrf(columns, out=(columns, tau))
+        return factored[: h + 1].triu()
 
     factors = map_blocks(rows.shape[1], rows.device, work)
     return combine_r_factors(factors, h + 1)
@@ -202,10 +326,13 @@ def max_entry_spread(buffer: torch.Tensor, correction: int) -> tuple[float, floa
     def work(lo: int, hi: int) -> torch.Tensor:
         # Two passes (mean, then squared deviations): torch.var_mean over dim 0 is ~30x
         # slower on CPU for these short, wide blocks.
+        # Every temporary lives in this thread's scratch (see _float64_block for why).
         block = buffer[:, lo:hi]
-        mean = block.mean(dim=0)
-        deviations = torch.sub(block, mean, out=_thread_scratch(block.shape, block.dtype, block.device))
-        squares = deviations.mul_(deviations).sum(dim=0)
+        scratch = _thread_scratch((count + 2, hi - lo), block.dtype, block.device)
+        deviations, mean, squares = scratch[:count], scratch[count], scratch[count + 1]
+        torch.mean(block, dim=0, out=mean)
+        torch.sub(block, mean, out=deviations)
+        torch.sum(deviations.mul_(deviations), dim=0, out=squares)
         return torch.stack([squares.max() / (count - correction), mean.max()]).to(torch.float64)
 
     stats = torch.stack(map_blocks(buffer.shape[1], buffer.device, work)).max(dim=0).values

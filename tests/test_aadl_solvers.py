@@ -11,6 +11,16 @@ from aadl.solvers import GRAM_MAX_CONDITION, solve_normal_equations, solve_r_fac
 from aadl_problems import LogisticProblem, run_wrapper
 
 
+@pytest.fixture(params=["numba", "torch"])
+def cpu_passes(request, monkeypatch):
+    """Run the test with the CPU passes as numba loops and as torch operations."""
+    if request.param == "numba" and kernels._compiled is None:
+        pytest.skip("numba is not installed")
+    monkeypatch.setenv("AADL_CPU_KERNELS", request.param)
+    assert kernels.compiled_loops_enabled() == (request.param == "numba")
+    return request.param
+
+
 def _least_squares(dR: np.ndarray, r: np.ndarray, lam: float) -> np.ndarray:
     h = dR.shape[1]
     A = np.vstack([dR, math.sqrt(lam) * np.eye(h)])
@@ -66,7 +76,7 @@ def test_gram_and_qr_give_the_same_iterates(settings):
     assert gram_opt.stats.qr_fallbacks == 0  # the gram route really ran
 
 
-def test_gram_and_qr_agree_in_float32_on_a_network():
+def test_gram_and_qr_agree_in_float32_on_a_network(cpu_passes):
     """float32 parameters, blocks of CPU_BLOCK rows, several worker threads."""
 
     def run(solver):
@@ -126,7 +136,7 @@ def test_incremental_gram_equals_recomputed_after_ring_wraps():
     np.testing.assert_allclose(history.gram[:4, :4].numpy(), (dR @ dR.T).numpy(), rtol=1e-12)
 
 
-def test_blocked_dot_products_are_float64_accurate_and_thread_independent():
+def test_blocked_dot_products_are_float64_accurate_and_thread_independent(cpu_passes):
     gen = torch.Generator().manual_seed(0)
     n = 5 * kernels.CPU_BLOCK + 123
     rows = torch.randn(6, n, generator=gen) * 1e-3 + 2e-4
@@ -144,7 +154,19 @@ def test_blocked_dot_products_are_float64_accurate_and_thread_independent():
     assert torch.equal(result, single)
 
 
-def test_mix_and_statistics_kernels_match_dense_formulas():
+def test_dots_and_square_in_one_pass_match_separate_exact_products(cpu_passes):
+    gen = torch.Generator().manual_seed(5)
+    n = 4 * kernels.CPU_BLOCK + 77
+    rows = torch.randn(5, n, generator=gen) * 1e-3 + 3e-4
+    vector = torch.randn(n, generator=gen)
+    dots, square = kernels.row_dots_and_square(rows, vector, 3)
+    exact = rows.double() @ vector.double()
+    assert float(((dots - exact).abs() / (rows.double().norm(dim=1) * vector.double().norm())).max()) < 1e-8
+    assert float(square) == pytest.approx(float(rows[3].double() @ rows[3].double()), rel=1e-12)
+    assert torch.equal(dots, kernels.row_dots(rows, [vector])[:, 0])
+
+
+def test_mix_and_statistics_kernels_match_dense_formulas(cpu_passes):
     gen = torch.Generator().manual_seed(1)
     n = 3 * kernels.CPU_BLOCK + 7
     rows, base, shift = torch.randn(4, n, generator=gen), torch.randn(n, generator=gen), torch.randn(n, generator=gen)
@@ -153,16 +175,73 @@ def test_mix_and_statistics_kernels_match_dense_formulas():
     total = kernels.mix(out, base, rows, g, shift, -0.25)
     expected = base - 0.25 * shift - rows.T @ g.float()
     assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5)
-    assert float(total) == pytest.approx(float(out.double().sum()), rel=1e-9)
-    bad = base.clone()
-    bad[n - 1] = math.nan
-    assert not math.isfinite(float(kernels.mix(out, bad, rows, g)))
+    assert float(total) == pytest.approx(float(out.double().sum()), rel=1e-5)
+    for poison in (math.nan, math.inf, -math.inf):
+        bad = base.clone()
+        bad[n - 1] = poison
+        assert not math.isfinite(float(kernels.mix(out, bad, rows, g)))
+    # Finite entries whose float32 sum overflows are finite: the check must not reject them.
+    huge = torch.full((n,), 3e38)
+    assert math.isfinite(float(kernels.mix(out, huge, rows, torch.zeros_like(g))))
 
     buffer = torch.randn(5, n, generator=gen)
     std, mean = kernels.max_entry_spread(buffer, correction=0)
     assert std == pytest.approx(float(buffer.var(dim=0, correction=0).max().sqrt()), rel=1e-5)
     assert mean == pytest.approx(float(buffer.mean(dim=0).max()), rel=1e-5)
     assert torch.allclose(kernels.row_mean(buffer, torch.empty(n)), buffer.mean(dim=0), atol=1e-6)
+
+
+def test_numba_loops_and_torch_operations_agree(monkeypatch):
+    """Both implementations of the passes, on float32 and float64 rows, several blocks."""
+    if kernels._compiled is None:
+        pytest.skip("numba is not installed")
+    gen = torch.Generator().manual_seed(6)
+    n = 3 * kernels.CPU_BLOCK + 5
+    for dtype in (torch.float32, torch.float64):
+        rows = torch.randn(7, n, generator=gen, dtype=dtype)  # 7 rows: a group of four and three more
+        vector, base, shift = (torch.randn(n, generator=gen, dtype=dtype) for _ in range(3))
+        g = torch.randn(7, dtype=torch.float64, generator=gen)
+        results = {}
+        for passes in ("numba", "torch"):
+            monkeypatch.setenv("AADL_CPU_KERNELS", passes)
+            out = torch.empty(n, dtype=dtype)
+            dots, square = kernels.row_dots_and_square(rows, vector, 5)
+            total = kernels.mix(out, base, rows, g, shift, 0.3)
+            results[passes] = (dots, square, out, total)
+        (d1, s1, o1, t1), (d2, s2, o2, t2) = results["numba"], results["torch"]
+        assert torch.allclose(d1, d2, rtol=1e-12, atol=1e-12 * float(d2.abs().max()))
+        assert float(s1) == pytest.approx(float(s2), rel=1e-13)
+        tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+        assert torch.allclose(o1, o2, rtol=tolerance, atol=tolerance)
+        assert float(t1) == pytest.approx(float(t2), rel=1e-4)
+
+
+def test_numba_loops_are_the_ones_used_when_installed(monkeypatch):
+    if kernels._compiled is None:
+        pytest.skip("numba is not installed")
+    calls = []
+    real = kernels._compiled.block_dots
+    monkeypatch.setattr(kernels._compiled, "block_dots", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.delenv("AADL_CPU_KERNELS", raising=False)
+    kernels.row_dots(torch.randn(3, 1000), [torch.randn(1000)])
+    assert calls
+    calls.clear()
+    monkeypatch.setenv("AADL_CPU_KERNELS", "torch")
+    kernels.row_dots(torch.randn(3, 1000), [torch.randn(1000)])
+    assert not calls
+    kernels.row_dots(torch.randn(3, 1000, dtype=torch.float16), [torch.randn(1000, dtype=torch.float16)])
+
+
+def test_cpu_kernels_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("AADL_CPU_KERNELS", "fortran")
+    with pytest.raises(ValueError, match="AADL_CPU_KERNELS"):
+        kernels.compiled_loops_enabled()
+    monkeypatch.setattr(kernels, "_compiled", None)
+    monkeypatch.setenv("AADL_CPU_KERNELS", "numba")
+    with pytest.raises(ImportError, match="numba is not installed"):
+        kernels.compiled_loops_enabled()
+    monkeypatch.setenv("AADL_CPU_KERNELS", "auto")
+    assert not kernels.compiled_loops_enabled()
 
 
 def test_streaming_r_factor_reproduces_the_gram_matrix():
