@@ -35,7 +35,17 @@ from numba import njit
 _FLAGS = {"reassoc", "contract"}
 
 
-@njit(nogil=True, fastmath=_FLAGS, cache=True)
+def _compiled(function):
+    """``function`` compiled without the GIL, with the flags above, cached on disk where
+    numba finds a writable cache directory (beside this file, else the user's cache); a
+    read-only installation without one compiles in every process instead of failing."""
+    try:
+        return njit(nogil=True, fastmath=_FLAGS, cache=True)(function)
+    except RuntimeError:  # numba: "cannot cache function ...: no locator available"
+        return njit(nogil=True, fastmath=_FLAGS, cache=False)(function)
+
+
+@_compiled
 def block_dots(rows, h, vector, starts, stops, square_row, partials):  # pragma: no cover - compiled
     """For each block b = [starts[b], stops[b]): partials[b, i] = rows[i] . vector over
     the block (i < h), and partials[b, h] = |rows[square_row]|^2 when square_row >= 0.
@@ -73,7 +83,7 @@ def block_dots(rows, h, vector, starts, stops, square_row, partials):  # pragma:
             i += 1
 
 
-@njit(nogil=True, fastmath=_FLAGS, cache=True)
+@_compiled
 def block_mix(out, base, rows, h, coefficients, shift, shift_weight, starts, stops, sums):  # pragma: no cover
     """For each block: out = base + shift_weight[0] * shift - rows[:h].T @ coefficients
     (in the arrays' dtype, as torch.addmv does), and sums[b] = the float64 sum of the

@@ -232,6 +232,28 @@ def test_numba_loops_are_the_ones_used_when_installed(monkeypatch):
     kernels.row_dots(torch.randn(3, 1000, dtype=torch.float16), [torch.randn(1000, dtype=torch.float16)])
 
 
+def test_compiled_loops_fall_back_to_no_disk_cache(monkeypatch):
+    """Where numba finds no writable cache directory, the loops compile per process
+    instead of failing the import of the library."""
+    if kernels._compiled is None:
+        pytest.skip("numba is not installed")
+    from aadl import cpu_kernels
+
+    real_njit = cpu_kernels.njit
+
+    def no_cache_locator(**options):
+        if options.get("cache"):
+            raise RuntimeError("cannot cache function 'f': no locator available for file 'f.py'")
+        return real_njit(**options)
+
+    monkeypatch.setattr(cpu_kernels, "njit", no_cache_locator)
+
+    def double(x):
+        return 2.0 * x
+
+    assert cpu_kernels._compiled(double)(1.5) == 3.0
+
+
 def test_cpu_kernels_setting_is_checked(monkeypatch):
     monkeypatch.setenv("AADL_CPU_KERNELS", "fortran")
     with pytest.raises(ValueError, match="AADL_CPU_KERNELS"):
