@@ -87,7 +87,8 @@ def block_dots(rows, h, vector, starts, stops, square_row, partials):  # pragma:
 def block_mix(out, base, rows, h, coefficients, shift, shift_weight, starts, stops, sums):  # pragma: no cover
     """For each block: out = base + shift_weight[0] * shift - rows[:h].T @ coefficients
     (in the arrays' dtype, as torch.addmv does), and sums[b] = the float64 sum of the
-    block of out (finite exactly when every entry is). Rows go four at a time, as in
+    block of out (for float32 entries finite exactly when every entry is; an overflow
+    of float64 entries is told apart by ``aadl.kernels.mix``). Rows go four at a time, as in
     block_dots: a quarter of the loads and stores of ``out``."""
     use_shift = shift_weight[0] != 0
     for b in range(starts.shape[0]):

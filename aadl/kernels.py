@@ -245,11 +245,13 @@ def mix(
     """``out = base + shift_weight * shift - rows.T @ coefficients`` in one pass.
 
     Returns a float64 scalar that is finite exactly when every entry of ``out`` is (the
-    sum of ``out`` unless that overflows), so no separate scan is needed. Blocks are summed
-    in ``out``'s dtype: a float64 sum would allocate a float64 copy of every block, which
-    fragments the worker threads' malloc arenas (~2 n floats of resident memory at
-    n = 25.6e6); the numba loop sums each block in float64 as it goes. An infinite or NaN entry makes its block's sum non-finite; a non-finite sum
-    of finite entries (an overflow) is told apart by an exact check, on that rare path only.
+    sum of ``out`` unless that overflows), so no separate scan is needed. The torch version
+    sums blocks in ``out``'s dtype: a float64 sum would allocate a float64 copy of every
+    block, which fragments the worker threads' malloc arenas (~2 n floats of resident
+    memory at n = 25.6e6); the numba loop sums each block in float64 as it goes. An
+    infinite or NaN entry makes the sum non-finite; a non-finite sum of finite entries (an
+    overflow: float32 block sums, or float64 parameters of order 1e300) is told apart by an
+    exact check, on that rare path only.
     """
     coefficients = coefficients.to(device=rows.device, dtype=rows.dtype)
     use_shift = shift is not None and shift_weight != 0.0
@@ -260,20 +262,21 @@ def mix(
         shift_array = shift.numpy() if use_shift else arrays[1]
         weight = np.array([shift_weight if use_shift else 0.0], dtype=arrays[0].dtype)
 
-        def work(starts: np.ndarray, stops: np.ndarray, blocks: slice) -> None:
+        def compiled_work(starts: np.ndarray, stops: np.ndarray, blocks: slice) -> None:
             _compiled.block_mix(*arrays, shift_array, weight, starts, stops, sums[blocks])
 
-        _compiled_blocks(length, work)
-        return torch.tensor(sums.sum(), dtype=torch.float64)
+        _compiled_blocks(length, compiled_work)
+        total = torch.tensor(sums.sum(), dtype=torch.float64)
+    else:
 
-    def work(lo: int, hi: int) -> torch.Tensor:
-        piece = out[lo:hi]
-        torch.addmv(base[lo:hi], rows[:, lo:hi].T, coefficients, alpha=-1, out=piece)
-        if use_shift:
-            piece.add_(shift[lo:hi], alpha=shift_weight)
-        return piece.sum()
+        def work(lo: int, hi: int) -> torch.Tensor:
+            piece = out[lo:hi]
+            torch.addmv(base[lo:hi], rows[:, lo:hi].T, coefficients, alpha=-1, out=piece)
+            if use_shift:
+                piece.add_(shift[lo:hi], alpha=shift_weight)
+            return piece.sum()
 
-    total = torch.stack(map_blocks(out.numel(), out.device, work)).to(torch.float64).sum()
+        total = torch.stack(map_blocks(out.numel(), out.device, work)).to(torch.float64).sum()
     if not bool(torch.isfinite(total)):
         every_entry_finite = all(
             bool(b) for b in map_blocks(out.numel(), out.device, lambda lo, hi: torch.isfinite(out[lo:hi]).all())

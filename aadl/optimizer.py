@@ -320,8 +320,10 @@ class AndersonAcceleration(Optimizer):
         total = kernels.mix(
             candidate, w_after, history.X[history.active()], coefficients, residual, beta - 1.0
         )
-        finite = math.isfinite(float(self._layout.sum_over_shards(total.reshape(1))))
-        if not finite:
+        # Shards agree on the number of shards holding a non-finite entry; summing the
+        # shards' totals instead could overflow where every entry is finite.
+        nonfinite_shards = (~torch.isfinite(total)).to(torch.float64).reshape(1)
+        if float(self._layout.sum_over_shards(nonfinite_shards)) > 0:
             return None
 
         if s.safeguard == "loss" and closure is None and not self._warned_no_closure:

@@ -180,9 +180,15 @@ def test_mix_and_statistics_kernels_match_dense_formulas(cpu_passes):
         bad = base.clone()
         bad[n - 1] = poison
         assert not math.isfinite(float(kernels.mix(out, bad, rows, g)))
-    # Finite entries whose float32 sum overflows are finite: the check must not reject them.
+    # Finite entries whose sum overflows (float32 blocks; float64 parameters, where even
+    # a float64 sum can) are finite: the check must not reject them.
     huge = torch.full((n,), 3e38)
     assert math.isfinite(float(kernels.mix(out, huge, rows, torch.zeros_like(g))))
+    huge64 = torch.full((n,), 1e308, dtype=torch.float64)
+    out64 = torch.empty(n, dtype=torch.float64)
+    assert math.isfinite(float(kernels.mix(out64, huge64, rows.double(), torch.zeros_like(g))))
+    huge64[n - 1] = math.inf
+    assert not math.isfinite(float(kernels.mix(out64, huge64, rows.double(), torch.zeros_like(g))))
 
     buffer = torch.randn(5, n, generator=gen)
     std, mean = kernels.max_entry_spread(buffer, correction=0)
