@@ -145,11 +145,17 @@ def _compiled_applies(rows: torch.Tensor, *vectors: torch.Tensor) -> bool:
     return compiled_loops_enabled()
 
 
-def _compiled_blocks(length: int, work: Callable[[np.ndarray, np.ndarray, slice], None]) -> None:
-    """Run ``work(starts, stops, blocks)`` for each worker's range of CPU blocks."""
+def _compiled_blocks(
+    length: int, partial_shape: tuple[int, ...], work: Callable[[np.ndarray, np.ndarray, np.ndarray], None]
+) -> np.ndarray:
+    """Run ``work(starts, stops, partials)`` for each worker's range of CPU blocks, where
+    ``partials`` is that range's part of a float64 array of one ``partial_shape`` result
+    per block; returns the whole array, in block order."""
     bounds = np.asarray(_block_bounds(length, torch.device("cpu")), dtype=np.int64).reshape(-1, 2)
     starts, stops = np.ascontiguousarray(bounds[:, 0]), np.ascontiguousarray(bounds[:, 1])
-    _map_chunks(len(starts), torch.device("cpu"), lambda a, b: work(starts[a:b], stops[a:b], slice(a, b)))
+    partials = np.zeros((len(starts), *partial_shape))
+    _map_chunks(len(starts), torch.device("cpu"), lambda a, b: work(starts[a:b], stops[a:b], partials[a:b]))
+    return partials
 
 
 def _thread_scratch(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -190,14 +196,12 @@ def _sum_in_order(partials: Sequence[torch.Tensor]) -> torch.Tensor:
 def _compiled_dots(rows: torch.Tensor, vector: torch.Tensor, square_row: int) -> torch.Tensor:
     """(h + 1,) float64: rows @ vector, then |rows[square_row]|^2 (0 when square_row < 0)."""
     h, length = rows.shape
-    partials = np.zeros((len(_block_bounds(length, rows.device)), h + 1))
     r, v = rows.numpy(), vector.numpy()
 
-    def work(starts: np.ndarray, stops: np.ndarray, blocks: slice) -> None:
-        _compiled.block_dots(r, h, v, starts, stops, square_row, partials[blocks])
+    def work(starts: np.ndarray, stops: np.ndarray, partials: np.ndarray) -> None:
+        _compiled.block_dots(r, h, v, starts, stops, square_row, partials)
 
-    _compiled_blocks(length, work)
-    return torch.from_numpy(partials.sum(axis=0))
+    return torch.from_numpy(_compiled_blocks(length, (h + 1,), work).sum(axis=0))
 
 
 def row_dots(rows: torch.Tensor, vectors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -257,16 +261,14 @@ def mix(
     use_shift = shift is not None and shift_weight != 0.0
     if _compiled_applies(rows, out, base, *((shift,) if use_shift else ())):
         h, length = rows.shape
-        sums = np.zeros(len(_block_bounds(length, rows.device)))
         arrays = (out.numpy(), base.numpy(), rows.numpy(), h, coefficients.contiguous().numpy())
         shift_array = shift.numpy() if use_shift else arrays[1]
         weight = np.array([shift_weight if use_shift else 0.0], dtype=arrays[0].dtype)
 
-        def compiled_work(starts: np.ndarray, stops: np.ndarray, blocks: slice) -> None:
-            _compiled.block_mix(*arrays, shift_array, weight, starts, stops, sums[blocks])
+        def compiled_work(starts: np.ndarray, stops: np.ndarray, sums: np.ndarray) -> None:
+            _compiled.block_mix(*arrays, shift_array, weight, starts, stops, sums)
 
-        _compiled_blocks(length, compiled_work)
-        total = torch.tensor(sums.sum(), dtype=torch.float64)
+        total = torch.tensor(_compiled_blocks(length, (), compiled_work).sum(), dtype=torch.float64)
     else:
 
         def work(lo: int, hi: int) -> torch.Tensor:
