@@ -20,8 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from experiments import figures
-from experiments.aggregate import find_runs
+from experiments.analysis import figures
+from experiments.analysis.aggregate import find_runs
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ import torch
 
 from experiments.config import compose, preset_sweep
 from experiments import problems
-from experiments.problems.burgers import Burgers2D, Burgers100D, BurgersProblem
+from experiments.problems.burgers.problem import Burgers2D, Burgers100D, BurgersProblem
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from experiments import aggregate, figures
+from experiments.analysis import aggregate, figures
 from experiments.config import ConfigError, ValidatedRun, compose, preset_sweep, validate
 from experiments.results import LOG_FILE, METRICS_FILE, RunDirectory, run_path
 from experiments.run import execute, interactive_terminal

@@ -129,7 +129,7 @@ def paper_synthetic(tmp_path: Path, write_run) -> Callable[[str], Path]:
     """``paper_synthetic(figure)``: FIG1_SYNTHETIC's curves written as the runs of a paper
     figure's preset (its experiment, budget unit, identity keys and extra metrics, each
     extra metric 10x the validation loss); returns the results root."""
-    from experiments.figures import FIGURES
+    from experiments.analysis.figures import FIGURES
 
     def _make(figure: str) -> Path:
         spec = FIGURES[figure]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.optimize import minimize_scalar
 
-from experiments.burgers_exact import (
+from experiments.problems.burgers.exact import (
     BENCHMARK_MAX_SLOPE,
     BENCHMARK_MAX_SLOPE_TIME,
     NU_PAPER,

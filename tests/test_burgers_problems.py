@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from experiments.problems.burgers import (
+from experiments.problems.burgers.problem import (
     Burgers2D,
     Burgers2DConfig,
     Burgers100D,

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import FIG1_SYNTHETIC
-from experiments import aggregate
-from experiments.aggregate import ResultsError, load_results, t_interval
+from experiments.analysis import aggregate
+from experiments.analysis.aggregate import ResultsError, load_results, t_interval
 
 # t_{0.975, 4} from a printed table of Student's t distribution.
 T_975_DF4 = 2.776445105

@@ -12,7 +12,7 @@ import pytest
 from nbclient import NotebookClient
 
 from conftest import FIG1_SYNTHETIC, REPO_ROOT
-from experiments import aggregate, figures
+from experiments.analysis import aggregate, figures
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NOTEBOOKS = sorted((REPO_ROOT / "notebooks").glob("fig*_*.ipynb"))

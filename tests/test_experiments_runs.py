@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from conftest import REPO_ROOT
-from experiments.aggregate import load_results
+from experiments.analysis.aggregate import load_results
 from experiments.config import ACCEL_HYPERPARAMETERS
-from experiments.problems.graduate_admissions import GraduateAdmissions
+from experiments.problems.graduate_admissions.problem import GraduateAdmissions
 from experiments.results import COMPLETE_FILE, METRICS_COLUMNS, RunDirectory
 from experiments.run import execute
 
@@ -223,7 +223,7 @@ def test_short_burgers_run_writes_complete_schema_valid_metrics(compose, tmp_pat
 
 def test_cli_runs_the_fig3_preset_and_its_figure_reports_the_relative_error(tmp_path):
     """The real command line for a Burgers preset (no data needed), then its figure."""
-    from experiments.figures import figure_report
+    from experiments.analysis.figures import figure_report
 
     env = {**os.environ, "CI": "1"}
     command = [

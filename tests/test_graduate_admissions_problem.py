@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from experiments.problems import problem_class
-from experiments.problems.graduate_admissions import GraduateAdmissions, GraduateAdmissionsConfig
+from experiments.problems.graduate_admissions.problem import GraduateAdmissions, GraduateAdmissionsConfig
 
 CPU = torch.device("cpu")
 

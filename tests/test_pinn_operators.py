@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from experiments import pinn
-from experiments.pinn import PinnMLP, input_derivatives
+from experiments.problems.burgers import pinn
+from experiments.problems.burgers.pinn import PinnMLP, input_derivatives
 
 # torch.func's jvp loads TorchScript decompositions, which warn under torch >= 2.10.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")

@@ -8,9 +8,9 @@ from __future__ import annotations
 import importlib
 
 PROBLEMS: dict[str, str] = {
-    "graduate_admissions": "experiments.problems.graduate_admissions:GraduateAdmissions",
-    "burgers2d": "experiments.problems.burgers:Burgers2D",
-    "burgers100d": "experiments.problems.burgers:Burgers100D",
+    "graduate_admissions": "experiments.problems.graduate_admissions.problem:GraduateAdmissions",
+    "burgers2d": "experiments.problems.burgers.problem:Burgers2D",
+    "burgers100d": "experiments.problems.burgers.problem:Burgers100D",
 }
 
 

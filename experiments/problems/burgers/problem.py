@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from experiments.burgers_exact import (
+from experiments.problems.burgers.exact import (
     MIN_QUADRATURE_NODES,
     NU_PAPER,
     SOLUTION_EXPONENTS,
@@ -33,7 +33,7 @@ from experiments.burgers_exact import (
     burgers2d_on_grid,
 )
 from experiments.config import require
-from experiments.pinn import ACTIVATIONS, DERIVATIVE_METHODS, PinnMLP, input_derivatives
+from experiments.problems.burgers.pinn import ACTIVATIONS, DERIVATIVE_METHODS, PinnMLP, input_derivatives
 from experiments.problems.base import Problem
 
 # --------------------------------------------------------------------------------------------
@@ -59,7 +59,7 @@ class BurgersConfig:
     initial_fraction: float = 0.5  # share of the n_boundary points on the initial face t = 0
     val_fraction: float = 0.2  # validation set size relative to a batch
     resample_every: int = 500  # iterations between redraws of the points; 0: never redraw
-    derivatives: str = "auto"  # input-derivative method, see experiments.pinn
+    derivatives: str = "auto"  # input-derivative method, see experiments.problems.burgers.pinn
 
     def __post_init__(self):
         self.validate()

@@ -1,0 +1,375 @@
+"""Paper figures and sweep tables from run directories.
+
+    python -m experiments.figures fig1                         # results/runs/graduate_admissions/fig1
+    python -m experiments.figures fig2                         # results/runs/burgers2d/fig2
+    python -m experiments.figures fig3                         # results/runs/burgers100d/fig3
+    python -m experiments.figures curves DIR [--metric val_loss] [--threshold 0.005]
+    python -m experiments.figures sweep DIR [--metric val_loss]
+
+Each command writes ``<name>.png`` and ``<name>.pdf`` plus a summary table as CSV (numbers)
+and Markdown (``mean [95% CI]``) into ``--out`` (default results/figures) and prints the
+table. The notebooks call the same functions (``figure_report``).
+
+Figures are built with matplotlib's object API (``Figure``, not pyplot) and rendered by
+Agg, so nothing here depends on a display or on the global pyplot state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import sys
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from experiments.analysis import aggregate
+from experiments.analysis.aggregate import Results, ResultsError
+
+DEFAULT_OUTPUT_ROOT = Path("results/runs")
+DEFAULT_FIGURE_DIR = Path("results/figures")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+#: Legend colours by variant suffix, the same in every figure.
+VARIANT_COLOURS = {0: "tab:blue", 1: "tab:orange", 2: "tab:green"}
+
+STYLE = {
+    "font.size": 13,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "lines.linewidth": 2.0,
+    "legend.frameon": False,
+}
+
+
+@dataclass(frozen=True)
+class Caveat:
+    """A caption line a figure carries when some of its runs have config ``key == value``:
+    what a reader must know to read the curves (e.g. what the paper's ReLU does to a PINN)."""
+
+    key: str  # a flattened config key, e.g. "problem.activation"
+    value: Any
+    text: str
+
+    def applies(self, results: Results) -> bool:
+        runs = results.runs
+        return self.key in runs and bool((runs[self.key] == self.value).any())
+
+
+@dataclass(frozen=True)
+class FigureSpec:
+    """A paper figure: where its runs are and how to draw them."""
+
+    experiment: str
+    run_name: str  # output.name of the preset that produces the runs
+    title: str
+    metric: str = "val_loss"
+    x: str = "epoch"
+    xlabel: str | None = None  # default: the x column's name, plural
+    ylabel: str = "validation MSE"
+    threshold: float | None = None  # for the "epochs to reach" column
+    also: tuple[str, ...] = ()  # metrics whose final value the summary shows beside ``metric``
+    caveats: tuple[Caveat, ...] = ()
+
+    def results_dir(self, output_root: Path | str = DEFAULT_OUTPUT_ROOT) -> Path:
+        return Path(output_root) / self.experiment / self.run_name
+
+
+RELU_PINN = Caveat(
+    "problem.activation",
+    "relu",
+    "ReLU, as in the paper: the network's second derivatives are zero, so the viscous term "
+    "drops out of the PDE residual it is trained on (problem.activation=tanh keeps it).",
+)
+PAPER_SCALE_100D = Caveat(
+    "problem.solution_scale",
+    "paper",
+    "The paper's 100d solution e^-t prod_i (x_i^2 - 1) is ~1e-27 at typical points of "
+    "[-1, 1]^99, so a network that outputs zero already scores val_loss ~1e-54: a small "
+    "val_loss does not mean that u is learnt; val_rel_l2 = ||u_net - u|| / ||u|| says whether it is.",
+)
+
+FIGURES: dict[str, FigureSpec] = {
+    "fig1": FigureSpec(
+        experiment="graduate_admissions",
+        run_name="fig1",
+        title="Graduate admissions (paper Fig. 1)",
+        # Just above the best validation MSE every variant reaches (about 4.0e-3, mean of
+        # the per-seed minima at the paper's settings): how soon each one gets near it.
+        threshold=4.5e-3,
+    ),
+    "fig2": FigureSpec(
+        experiment="burgers2d",
+        run_name="fig2",
+        title="Burgers 2d PINN (paper Fig. 2)",
+        x="step",  # one optimizer step per iteration
+        xlabel="iterations",
+        also=("val_rel_l2",),
+        caveats=(RELU_PINN,),
+    ),
+    "fig3": FigureSpec(
+        experiment="burgers100d",
+        run_name="fig3",
+        title="Burgers 100d PINN (paper Fig. 3)",
+        x="step",
+        xlabel="iterations",
+        also=("val_rel_l2",),
+        caveats=(PAPER_SCALE_100D, RELU_PINN),
+    ),
+}
+
+
+@dataclass
+class Report:
+    results: Results
+    curves: pd.DataFrame
+    summary: pd.DataFrame
+    figure: Figure
+    notes: list[str] = field(default_factory=list)  # caveats, shown under the table and figure
+
+    def png(self) -> bytes:
+        buffer = io.BytesIO()
+        self.figure.savefig(buffer, format="png", dpi=110)
+        return buffer.getvalue()
+
+    @property
+    def summary_markdown(self) -> str:
+        table = aggregate.to_markdown(aggregate.format_summary(self.summary))
+        return table + "".join(f"\nNote: {note}\n" for note in self.notes)
+
+    def save(self, out_dir: Path | str, name: str) -> list[Path]:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf", out_dir / f"{name}_summary.csv", out_dir / f"{name}_summary.md"]
+        for path in paths[:2]:
+            self.figure.savefig(path, dpi=150)
+        self.summary.to_csv(paths[2], index=False)
+        paths[3].write_text(self.summary_markdown)
+        return paths
+
+    def publish(self, out_dir: Path | str, name: str) -> None:
+        """Save (see ``save``), then print the files written and the summary table."""
+        for path in self.save(out_dir, name):
+            print(f"wrote {path}")
+        print()
+        print(self.summary_markdown)
+
+
+def default_results_dir(figure: str) -> Path:
+    """Where ``python -m experiments.run -m +paper=<figure>`` writes, from the repository root."""
+    return REPO_ROOT / FIGURES[figure].results_dir()
+
+
+def figure_report(figure: str, results: Path | str | Results | None = None, *, title: str | None = None) -> Report:
+    """A named paper figure (``FIGURES``) from its runs: a results directory (default: where
+    its preset writes) or runs already loaded (e.g. a subset, as the demo does)."""
+    spec = FIGURES[figure]
+    return curves_report(
+        results if results is not None else spec.results_dir(),
+        metric=spec.metric,
+        x=spec.x,
+        threshold=spec.threshold,
+        title=title or spec.title,
+        xlabel=spec.xlabel,
+        ylabel=spec.ylabel,
+        also=spec.also,
+        caveats=spec.caveats,
+    )
+
+
+def curves_report(
+    results: Path | str | Results,
+    *,
+    metric: str = "val_loss",
+    x: str | None = None,
+    threshold: float | None = None,
+    title: str | None = None,
+    xlabel: str | None = None,
+    ylabel: str | None = None,
+    also: Sequence[str] = (),
+    caveats: Sequence[Caveat] = (),
+) -> Report:
+    """Mean curves with CI bands of ``metric`` for every configuration of ``results`` (a
+    directory, read with ``aggregate.load_results``, or runs already loaded)."""
+    source = results
+    if not isinstance(results, Results):
+        results = aggregate.load_results(results)
+    x = x or _default_x(results)
+    curve_table = aggregate.curves(results, metric, x)
+    table = aggregate.summary(results, metric, x, threshold, also=also)
+    notes = [caveat.text for caveat in caveats if caveat.applies(results)]
+    seeds = int(results.runs.groupby("label").size().max())
+    figure = plot_curves(
+        curve_table,
+        labels=results.labels,
+        x=x,
+        xlabel=xlabel,
+        ylabel=ylabel or metric,
+        title=title or str(source),
+        note=f"mean and 95% CI over {seeds} seed{'s' if seeds != 1 else ''}",
+        caption=notes,
+    )
+    return Report(results, curve_table, table, figure, notes)
+
+
+def sweep_report(results_dir: Path | str, *, metric: str = "val_loss", x: str | None = None) -> Report:
+    """Final ``metric`` (mean and CI over seeds) per hyperparameter combination."""
+    results = aggregate.load_results(results_dir)
+    x = x or _default_x(results)
+    table = aggregate.summary(results, metric, x)
+    figure = plot_sweep(table, results.varying, ylabel=f"final {metric}", title=str(results_dir))
+    return Report(results, aggregate.curves(results, metric, x), table, figure)
+
+
+FIGURE_SIZE = (7.0, 4.5)  # inches, without a caption
+CAPTION_WIDTH = 100  # characters per caption line
+CAPTION_LINE_HEIGHT = 0.17  # inches per caption line
+
+
+def _new_figure(caption: Sequence[str] = ()) -> tuple[Figure, matplotlib.axes.Axes]:
+    """A figure with one axes and, below it, ``caption`` (one wrapped paragraph per entry)."""
+    lines = [line for paragraph in caption for line in textwrap.wrap(paragraph, CAPTION_WIDTH)]
+    width, height = FIGURE_SIZE
+    caption_height = CAPTION_LINE_HEIGHT * (len(lines) + 1) if lines else 0.0
+    figure = Figure(figsize=(width, height + caption_height), layout="tight")
+    if lines:
+        bottom = caption_height / (height + caption_height)
+        figure.get_layout_engine().set(rect=(0, bottom, 1, 1))  # keep the axes above it
+        figure.text(0.02, 0.5 * CAPTION_LINE_HEIGHT / (height + caption_height), "\n".join(lines), fontsize=8, va="bottom")
+    return figure, figure.add_subplot()
+
+
+def plot_curves(
+    curve_table: pd.DataFrame,
+    *,
+    labels: list[str],
+    x: str,
+    ylabel: str,
+    title: str,
+    note: str,
+    xlabel: str | None = None,
+    caption: Sequence[str] = (),
+) -> Figure:
+    with matplotlib.rc_context(STYLE):
+        figure, axes = _new_figure(caption)
+        for index, label in enumerate(labels):
+            line = curve_table[curve_table.label == label]
+            colour = _colour(label, index)
+            xs = line[x].to_numpy(float)
+            axes.plot(xs, line["mean"].to_numpy(float), color=colour, label=label)
+            axes.fill_between(xs, line["low"].to_numpy(float), line["high"].to_numpy(float), color=colour, alpha=0.25, linewidth=0)
+        axes.set_yscale("log")
+        # A t interval can reach below zero (a few seeds spiking); on a log axis its band
+        # would then stretch the axis down by decades. Clip bands at half the lowest mean.
+        positive = curve_table["mean"][curve_table["mean"] > 0]
+        if len(positive):
+            axes.set_ylim(bottom=0.5 * positive.min())
+        axes.set_xlabel(xlabel or (f"{x}s" if x in ("epoch", "step") else x))
+        axes.set_ylabel(ylabel)
+        axes.set_title(f"{title}\n{note}", fontsize=12)
+        axes.legend()
+    return figure
+
+
+def plot_sweep(table: pd.DataFrame, varying: list[str], *, ylabel: str, title: str) -> Figure:
+    """With one numeric swept key: the final metric against it, one line per variant (a
+    variant the key does not apply to, such as the base optimizer, is a dashed level).
+    Otherwise: one error bar per configuration."""
+    numeric = [k for k in varying if pd.api.types.is_numeric_dtype(table[k])]
+    with matplotlib.rc_context(STYLE):
+        figure, axes = _new_figure()
+        if len(varying) == 1 and numeric:
+            key = numeric[0]
+            for index, (variant, group) in enumerate(table.groupby("variant", sort=False)):
+                colour = _colour(variant, index)
+                swept = group[group[key].notna()].sort_values(key)
+                if len(swept):
+                    axes.errorbar(swept[key].to_numpy(float), swept["final_mean"].to_numpy(float), yerr=_error_bars(swept), marker="o", capsize=4, color=colour, label=variant)
+                for mean in group[group[key].isna()]["final_mean"]:
+                    axes.axhline(mean, color=colour, linestyle="--", label=variant)
+            values = table[key].dropna().to_numpy(float)
+            if len(values) and values.min() > 0 and values.max() / values.min() >= 20:
+                axes.set_xscale("log")
+            axes.set_xlabel(key.removeprefix("accel."))
+            axes.set_ylabel(ylabel)
+            axes.set_yscale("log")
+            axes.legend()
+        else:
+            positions = np.arange(len(table))
+            axes.errorbar(table["final_mean"].to_numpy(float), positions, xerr=_error_bars(table), fmt="o", capsize=4)
+            axes.set_yticks(positions, table["label"])
+            axes.invert_yaxis()
+            axes.set_xlabel(ylabel)
+            axes.set_xscale("log")
+        axes.set_title(f"{title}\nmean and 95% CI over seeds", fontsize=12)
+    return figure
+
+
+def _error_bars(table: pd.DataFrame) -> np.ndarray:
+    low = (table["final_mean"] - table["final_low"]).fillna(0).to_numpy()
+    high = (table["final_high"] - table["final_mean"]).fillna(0).to_numpy()
+    return np.vstack([low, high])
+
+
+def _colour(label: str, index: int) -> str:
+    variant = label.split(" (")[0]
+    return VARIANT_COLOURS.get(variant.count("+"), f"C{index}")
+
+
+def _default_x(results: Results) -> str:
+    """Epochs where the problem counts epochs, optimizer steps otherwise."""
+    return "epoch" if results.metrics["epoch"].notna().any() else "step"
+
+
+def _paper_figure(figure: str, results_dir: Path | None) -> Report:
+    """``figure_report``, with an error that names the preset making the missing runs."""
+    try:
+        return figure_report(figure, results_dir)
+    except ResultsError as error:
+        raise ResultsError(f"{error} -m +paper={figure}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.figures", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name in FIGURES:
+        sub = commands.add_parser(name, help=f"paper figure {name} ({FIGURES[name].title})")
+        sub.add_argument("--results", type=Path, help=f"runs to read (default: {FIGURES[name].results_dir()})")
+    curves_cmd = commands.add_parser("curves", help="mean curves with CI bands for any results directory")
+    sweep_cmd = commands.add_parser("sweep", help="final metric per hyperparameter combination")
+    for sub in (curves_cmd, sweep_cmd):
+        sub.add_argument("results", type=Path, help="directory holding run directories (any depth)")
+        sub.add_argument("--metric", default="val_loss", help="metrics.csv column (default: val_loss)")
+        sub.add_argument("--x", choices=("epoch", "step"), help="x axis (default: epoch where defined)")
+        sub.add_argument("--name", help="output file stem (default: the results directory's name)")
+    curves_cmd.add_argument("--threshold", type=float, help="also report the x at which the metric first reaches this")
+    for sub in commands.choices.values():
+        sub.add_argument("--out", type=Path, default=DEFAULT_FIGURE_DIR, help=f"output directory (default: {DEFAULT_FIGURE_DIR})")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+
+    try:
+        if args.command in FIGURES:
+            report, name = _paper_figure(args.command, args.results), args.command
+        elif args.command == "curves":
+            report = curves_report(args.results, metric=args.metric, x=args.x, threshold=args.threshold)
+            name = args.name or args.results.name
+        else:
+            report = sweep_report(args.results, metric=args.metric, x=args.x)
+            name = args.name or f"{args.results.name}_sweep"
+    except ResultsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    report.publish(args.out, name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
