@@ -1,5 +1,8 @@
 """Data sets the problems read, checked on load, and a command to fetch them.
 
+Each problem declares its files (``Problem.datasets``, e.g.
+``experiments/problems/graduate_admissions/data.py``); this module checks and fetches them.
+
     python -m experiments.data download graduate_admissions --root data
     python -m experiments.data verify graduate_admissions --root data
 
@@ -25,8 +28,7 @@ import numpy as np
 import pandas as pd
 
 
-class DatasetError(Exception):
-    """A data file is missing or is not the expected one; the message says how to fix it."""
+from experiments.errors import DatasetError  # noqa: F401  (raised here; callers import it from here too)
 
 
 @dataclass(frozen=True)
@@ -52,49 +54,6 @@ class TabularDataset:
         return Path(root) / self.name / self.filename
 
 
-GRADUATE_ADMISSIONS = TabularDataset(
-    name="graduate_admissions",
-    filename="Admission_Predict_Ver1.1.csv",
-    title="Graduate Admissions (Acharya et al. 2019), version 1.1",
-    source="https://www.kaggle.com/datasets/mohansacharya/graduate-admissions",
-    # Copies of the Kaggle file in public GitHub repositories, pinned to a commit so they
-    # cannot change under us. Many copies online are edited (renamed or extra columns,
-    # appended rows); the checksum rejects those, whatever their line endings or headers.
-    urls=(
-        "https://raw.githubusercontent.com/SwatantraJain-02/Admission-Prediction/"
-        "994c229a9e879738975ba899d97855224dd7ec5e/Admission_Predict_Ver1.1.csv",
-        "https://raw.githubusercontent.com/dannyzhang1020/Admission-Correlations/"
-        "508acaf1e07b2457b4d6454a26243b4fa7980539/Admission_Predict_Ver1.1.csv",
-    ),
-    columns=(
-        "Serial No.",
-        "GRE Score",
-        "TOEFL Score",
-        "University Rating",
-        "SOP",
-        "LOR",
-        "CGPA",
-        "Research",
-        "Chance of Admit",
-    ),
-    dropped=("Serial No.",),
-    target="Chance of Admit",
-    rows=500,
-    ranges={
-        "GRE Score": (260, 340),
-        "TOEFL Score": (0, 120),
-        "University Rating": (1, 5),
-        "SOP": (1, 5),
-        "LOR": (1, 5),
-        "CGPA": (0, 10),
-        "Research": (0, 1),
-        "Chance of Admit": (0, 1),
-    },
-    checksum="308545cfa21c47179f8c0a955a74afbf3fc82337f9475ffe4faa1a0efaf691c1",
-    known_impostors={400: "Admission_Predict.csv (version 1.0 of the data set, 400 rows)"},
-)
-
-DATASETS: dict[str, TabularDataset] = {GRADUATE_ADMISSIONS.name: GRADUATE_ADMISSIONS}
 
 
 @dataclass(frozen=True)
@@ -252,18 +211,30 @@ def _dataset_error(spec: TabularDataset, path: Path, what: str) -> DatasetError:
     )
 
 
+def datasets() -> dict[str, TabularDataset]:
+    """Every data set a registered problem reads (``Problem.datasets``), by name."""
+    from experiments.problems import PROBLEMS
+
+    found: dict[str, TabularDataset] = {}
+    for name in PROBLEMS.names():
+        for spec in PROBLEMS.get(name).datasets:
+            found[spec.name] = spec
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
+    known = datasets()
     parser = argparse.ArgumentParser(prog="python -m experiments.data", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     for command, help_text in (("download", "fetch and verify a data set"), ("verify", "check a data set already on disk")):
         sub = commands.add_parser(command, help=help_text)
-        sub.add_argument("dataset", choices=sorted(DATASETS))
+        sub.add_argument("dataset", choices=sorted(known))
         sub.add_argument("--root", default=os.environ.get("AADL_DATA_ROOT", "data"), help="data root (default: $AADL_DATA_ROOT or ./data)")
         if command == "download":
             sub.add_argument("--url", action="append", help="fetch from this URL instead of the built-in mirrors (repeatable)")
             sub.add_argument("--force", action="store_true", help="download even if a verified file is present")
     args = parser.parse_args(argv)
-    spec = DATASETS[args.dataset]
+    spec = known[args.dataset]
     try:
         if args.command == "download":
             path = download(spec, args.root, urls=tuple(args.url) if args.url else None, force=args.force)

@@ -32,9 +32,11 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from experiments.analysis import aggregate, figures
-from experiments.config import ConfigError, ValidatedRun, compose, preset_sweep, validate
-from experiments.results import LOG_FILE, METRICS_FILE, RunDirectory, run_path
+from experiments.compose import compose, preset_sweep
+from experiments.errors import ConfigError, DatasetError
+from experiments.results import LOG_FILE, METRICS_FILE, RunDirectory
 from experiments.run import execute, interactive_terminal
+from experiments.validation import ValidatedRun, validate
 
 PRESET = "fig2"  # the paper figure the demo is a short version of
 RUN_NAME = "demo"  # output.name: the demo's runs never mix with the full figure's
@@ -54,7 +56,7 @@ class DemoRun:
 
     @property
     def path(self) -> Path:
-        return run_path(self.run)
+        return self.run.path
 
     @property
     def budget(self) -> int:
@@ -71,11 +73,11 @@ def demo_runs(seeds: int, overrides: Sequence[str], overwrite: bool) -> list[Dem
     ``python -m experiments.run +paper=fig2 output.name=demo <overrides>`` would, and validated
     before anything runs (a bad override stops the demo naming its key)."""
     runs = []
-    for variant in preset_sweep(PRESET)["accel"]:
+    for variant in preset_sweep(PRESET)["method"]:
         for seed in range(seeds):
             config = compose(
                 f"+paper={PRESET}",
-                f"accel={variant}",
+                f"method={variant}",
                 f"seed={seed}",
                 f"output.name={RUN_NAME}",
                 f"output.overwrite={str(overwrite).lower()}",
@@ -88,7 +90,8 @@ def demo_runs(seeds: int, overrides: Sequence[str], overwrite: bool) -> list[Dem
 def describe(runs: list[DemoRun], jobs: int) -> str:
     """What is about to run, from the composed config (so overrides show)."""
     cfg = runs[0].run.config
-    problem, accel = runs[0].run.problem_config, cfg.accel
+    problem = runs[0].run.problem_config
+    accel = next(r.run.method.settings for r in runs if r.run.method.name == "aadl")
     seeds = len({r.run.config.seed for r in runs})
     variants = list(dict.fromkeys(r.run.variant for r in runs))
     return (
@@ -210,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         runs = demo_runs(args.seeds, args.overrides, args.overwrite)
-    except ConfigError as error:
+    except (ConfigError, DatasetError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     pending = [run for run in runs if args.overwrite or not RunDirectory(run.path).is_complete()]

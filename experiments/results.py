@@ -1,23 +1,24 @@
-"""Self-describing run directories and the tidy ``metrics.csv`` schema.
+"""Self-describing run directories and the tidy ``metrics.csv`` schema (the writer side).
 
 One directory per run (one config, one seed)::
 
     <output.root>/<experiment>/<output.name>/<variant>-<config_id>/seed=<seed>/
-        config.yaml   the resolved config (problem defaults filled in)
-        meta.json     identity, status, git commit and dirty flag, host, versions, device,
-                      start/end time, problem notes
-        metrics.csv   one row per evaluation (columns: METRICS_COLUMNS + problem metrics)
+        config.yaml   the resolved config (problem and method defaults filled in)
+        meta.json     identity, status, method, budget and expected rows, git commit and
+                      dirty flag, host, versions, device, start/end time, problem notes
+        metrics.csv   one row per evaluation (columns: see MetricsWriter)
         run.log       the run's log
-        COMPLETE      written last, by an atomic rename: only then is the run complete
+        COMPLETE      written last, by an atomic rename: the outcome ("complete" or
+                      "diverged"), the number of metrics rows and the last step, so a
+                      reader can check the metrics against it
 
-``config_id`` is a digest of the config minus where-and-how keys (seed, paths, progress
-bar), so rerunning the same command finds the same directory and skips it when complete;
-any other change (a hyperparameter, the epoch count) gives a new directory.
-A directory without ``COMPLETE`` is an interrupted or running run: aggregation ignores it
-and the next run of that config starts it again from scratch. A process running a config
-holds an exclusive lock on ``.lock`` in its directory, so two processes given the same
-config and seed (two sweeps at once, or a sweep that lists it twice) never write the same
-directory: the second one skips it.
+``status`` in meta.json is one of :data:`STATUSES`. A directory without ``COMPLETE`` is an
+interrupted or running run: aggregation lists it and never reads it, and the next run of
+that config starts it again. A process running a config holds an exclusive lock on
+``.lock`` in its directory, so two processes given the same config and seed never write
+the same directory: the second one skips it. ``output.overwrite=true`` trains into a
+sibling directory and swaps it in by rename only once it is complete, so an interrupted
+overwrite keeps the previous result.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
@@ -37,76 +39,66 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from experiments.config import ACCEL_HYPERPARAMETERS, ValidatedRun
-
 CONFIG_FILE = "config.yaml"
 META_FILE = "meta.json"
 METRICS_FILE = "metrics.csv"
 LOG_FILE = "run.log"
 COMPLETE_FILE = "COMPLETE"
 LOCK_FILE = ".lock"
+#: The sibling an overwrite trains into (``seed=3`` -> ``seed=3.overwrite``).
+OVERWRITE_SUFFIX = ".overwrite"
 
-#: The wrapper's counters (keys of ``opt.stats.as_dict()``), cumulative, logged per row.
-AA_COUNTERS = ("aa_attempts", "aa_accepted", "averages_applied")
+#: meta.json ``status``: finished ("complete", "diverged": COMPLETE exists) or not.
+STATUSES = ("running", "complete", "diverged", "failed", "interrupted", "preempted")
+#: The outcomes a COMPLETE marker records.
+OUTCOMES = ("complete", "diverged")
 
-IDENTITY_COLUMNS = ("experiment", "variant", "optimizer", "seed", "config_id")
+IDENTITY_COLUMNS = ("experiment", "variant", "method", "optimizer", "seed", "config_id")
 PROGRESS_COLUMNS = ("step", "epoch", "train_loss", "val_loss")
-TRAILING_COLUMNS = ("lr", "wall_time", *AA_COUNTERS)
-#: Every metrics.csv has these columns in this order, with the problem's own metrics
-#: (e.g. val_r2) between PROGRESS_COLUMNS and TRAILING_COLUMNS. The Anderson
-#: hyperparameters are empty for runs without acceleration.
-METRICS_COLUMNS = IDENTITY_COLUMNS + ACCEL_HYPERPARAMETERS + PROGRESS_COLUMNS + TRAILING_COLUMNS
+TRAILING_COLUMNS = ("lr", "wall_time")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_path(run: ValidatedRun) -> Path:
-    cfg = run.config
-    return (
-        Path(cfg.output.root)
-        / cfg.experiment
-        / cfg.output.name
-        / f"{run.variant}-{run.config_id}"
-        / f"seed={cfg.seed}"
-    )
-
-
-def constant_columns(run: ValidatedRun) -> dict[str, Any]:
-    """The columns that are the same in every row of a run."""
-    cfg = run.config
-    hyperparameters = cfg.accel.settings() if cfg.accel.enabled else dict.fromkeys(ACCEL_HYPERPARAMETERS)
-    return {
-        "experiment": cfg.experiment,
-        "variant": run.variant,
-        "optimizer": cfg.optimizer.name,
-        "seed": cfg.seed,
-        "config_id": run.config_id,
-        **hyperparameters,
-    }
+def expected_rows(budget: int, eval_every: int) -> int:
+    """Rows of a run that trains its whole budget: before the first unit, every
+    ``eval_every`` units and after the last one."""
+    return 1 + budget // eval_every + (1 if budget % eval_every else 0)
 
 
 class MetricsWriter:
-    """Appends rows to metrics.csv, flushing each so a crash keeps what was measured."""
+    """Appends rows to metrics.csv, flushing each so a crash keeps what was measured.
 
-    def __init__(self, path: Path, constants: dict[str, Any]):
+    Columns: the run's constants (IDENTITY_COLUMNS, then the method's hyperparameters),
+    PROGRESS_COLUMNS, the problem's metrics, TRAILING_COLUMNS, then the method's counters
+    (every row key not named so far, in the first row's order)."""
+
+    def __init__(self, path: Path, constants: dict[str, Any], counters: tuple[str, ...] = ()):
         self._path = path
         self._constants = constants
+        self._counters = counters
         self._file = None
         self._writer: csv.DictWriter | None = None
+        self.rows = 0
+        self.last_step: int | None = None
 
     def write(self, row: dict[str, Any]) -> None:
         if self._writer is None:
-            extra = [k for k in row if k not in PROGRESS_COLUMNS + TRAILING_COLUMNS]
-            columns = [*self._constants, *PROGRESS_COLUMNS, *extra, *TRAILING_COLUMNS]
+            named = PROGRESS_COLUMNS + TRAILING_COLUMNS + self._counters
+            extra = [k for k in row if k not in named]
+            columns = [*self._constants, *PROGRESS_COLUMNS, *extra, *TRAILING_COLUMNS, *self._counters]
             self._file = open(self._path, "w", newline="")
             self._writer = csv.DictWriter(self._file, fieldnames=columns)  # unknown keys raise
             self._writer.writeheader()
         self._writer.writerow({**self._constants, **row})
         self._file.flush()
+        self.rows += 1
+        self.last_step = row["step"]
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+            self._file = None
 
     def __enter__(self) -> "MetricsWriter":
         return self
@@ -123,7 +115,12 @@ class RunDirectory:
         return self.path / name
 
     def is_complete(self) -> bool:
+        """Whether the run finished (complete or diverged): rerunning it would only repeat it."""
         return self.file(COMPLETE_FILE).is_file()
+
+    @property
+    def overwrite_sibling(self) -> "RunDirectory":
+        return RunDirectory(self.path.with_name(self.path.name + OVERWRITE_SUFFIX))
 
     @contextmanager
     def claim(self) -> Iterator[bool]:
@@ -144,8 +141,7 @@ class RunDirectory:
             yield True
 
     def start(self, config_yaml: str, meta: dict[str, Any]) -> None:
-        """Empty the directory of a previous attempt and record what is about to run."""
-        # COMPLETE goes first: from here on, a crash leaves an incomplete run behind.
+        """Empty the directory of a previous, unfinished attempt and record what is about to run."""
         for name in (COMPLETE_FILE, METRICS_FILE, LOG_FILE, META_FILE, CONFIG_FILE):
             self.file(name).unlink(missing_ok=True)
         self.path.mkdir(parents=True, exist_ok=True)
@@ -158,8 +154,21 @@ class RunDirectory:
     def write_meta(self, meta: dict[str, Any]) -> None:
         _write_atomically(self.file(META_FILE), json.dumps(meta, indent=2, default=str) + "\n")
 
-    def mark_complete(self) -> None:
-        _write_atomically(self.file(COMPLETE_FILE), now() + "\n")
+    def mark_finished(self, outcome: str, rows: int, last_step: int) -> None:
+        """Write COMPLETE: what a reader checks metrics.csv against."""
+        assert outcome in OUTCOMES, outcome
+        marker = {"outcome": outcome, "rows": rows, "last_step": last_step, "ended": now()}
+        _write_atomically(self.file(COMPLETE_FILE), json.dumps(marker) + "\n")
+
+    def replace(self, target: "RunDirectory") -> None:
+        """Move this finished directory to ``target``'s place, deleting what was there only
+        after the move: at every moment one complete copy exists."""
+        old = target.path.with_name(target.path.name + ".replaced")
+        shutil.rmtree(old, ignore_errors=True)
+        if target.path.exists():
+            os.replace(target.path, old)
+        os.replace(self.path, target.path)
+        shutil.rmtree(old, ignore_errors=True)
 
     @contextmanager
     def log_to_file(self, *loggers: logging.Logger) -> Iterator[None]:
@@ -176,17 +185,24 @@ class RunDirectory:
             handler.close()
 
 
-def run_metadata(run: ValidatedRun, device: str) -> dict[str, Any]:
-    """What a reader needs to trust or reproduce the run, written before training starts."""
+def run_metadata(run: Any, device: str) -> dict[str, Any]:
+    """What a reader needs to trust or reproduce the run, written before training starts
+    (``run`` is an experiments.validation.ValidatedRun)."""
     import torch  # only runs import this module's writer side; figures never get here
 
+    cfg = run.config
     return {
         "status": "running",
-        "experiment": run.config.experiment,
+        "experiment": cfg.experiment,
         "variant": run.variant,
-        "seed": run.config.seed,
+        "method": run.method.name,
+        "legend_order": run.method.legend_order,
+        "baseline": run.method.baseline,
+        "seed": cfg.seed,
         "config_id": run.config_id,
         "identity": run.identity,
+        "budget": {"unit": run.problem_class.budget_unit, "total": run.budget, "eval_every": cfg.train.eval_every},
+        "expected_rows": expected_rows(run.budget, cfg.train.eval_every),
         "git": git_state(REPO_ROOT),
         "host": socket.gethostname(),
         "platform": platform.platform(),
@@ -196,6 +212,20 @@ def run_metadata(run: ValidatedRun, device: str) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "argv": sys.argv,
         "started": now(),
+    }
+
+
+def constant_columns(run: Any) -> dict[str, Any]:
+    """The columns that are the same in every row of a run."""
+    cfg = run.config
+    return {
+        "experiment": cfg.experiment,
+        "variant": run.variant,
+        "method": run.method.name,
+        "optimizer": cfg.optimizer.name,
+        "seed": cfg.seed,
+        "config_id": run.config_id,
+        **run.method.hyperparameters(),
     }
 
 
@@ -220,5 +250,8 @@ def now() -> str:
 
 def _write_atomically(path: Path, text: str) -> None:
     temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(text)
+    with open(temp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(temp, path)

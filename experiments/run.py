@@ -1,32 +1,41 @@
 """Hydra entry point: ``python -m experiments.run [overrides]`` (``-m`` for sweeps).
 
     python -m experiments.run                                  # Adam, seed 0, paper settings
-    python -m experiments.run accel=aadl_ma seed=3 train.epochs=200
+    python -m experiments.run method=aadl_ma seed=3 train.epochs=200
     python -m experiments.run -m +paper=fig1                   # Fig. 1: 3 variants x 20 seeds
-    python -m experiments.run -m accel=aadl accel.history=5,10,20 seed=0,1,2 output.name=sweep_m
+    python -m experiments.run -m method=aadl method.aadl.history=5,10,20 seed=0,1,2 output.name=sweep_m
 
-Each run validates its config (before anything is created), skips itself when a complete
-run of the same config and seed exists (``output.overwrite=true`` reruns it), and writes a
-self-describing run directory (experiments/results.py). Multirun jobs go to the joblib
-launcher, one process per core, each with one torch thread and no progress bar.
+Each run validates its config (before anything is created), skips itself when a finished
+run of the same config and seed exists (``output.overwrite=true`` reruns it into a sibling
+directory and swaps it in once complete), checks the machine (output writable, free disk,
+the requested device, the method's memory), then writes a self-describing run directory
+(experiments/results.py). A multirun validates every job before the first one starts; its
+jobs go to the configured launcher (``hydra/launcher=local``: one process per core, each
+with one torch thread and no progress bar). SIGTERM or SIGINT stops a run between two
+steps and records it as interrupted; stopping a sweep stops its workers too.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import shutil
+import signal
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.config import CONFIG_DIR, CONFIG_NAME, ConfigError, ValidatedRun, validate
-from experiments.data import DatasetError
+from experiments.compose import CONFIG_DIR, CONFIG_NAME, expand_sweep, sweep_overrides
+from experiments.errors import ConfigError, DatasetError, HarnessError, RunError
 from experiments.results import (
     METRICS_FILE,
     MetricsWriter,
@@ -34,8 +43,12 @@ from experiments.results import (
     constant_columns,
     now,
     run_metadata,
-    run_path,
 )
+from experiments.validation import ValidatedRun, validate
+
+from experiments.methods import register_settings_node
+
+register_settings_node()  # before @hydra.main composes: every method setting is overridable
 
 log = logging.getLogger("experiments.run")
 # Progress lines go to the run's log file always and to the console only in single runs: a
@@ -47,6 +60,10 @@ for _logger in (log, progress_log):
 
 #: How many progress lines a run writes to its log (the CSV has every evaluation).
 LOG_LINES = 10
+#: A run does not start with less free space than this where it writes.
+MIN_FREE_BYTES = 64 * 2**20
+#: The signals that stop a run between two steps.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def interactive_terminal() -> bool:
@@ -57,82 +74,249 @@ def interactive_terminal() -> bool:
 @dataclass(frozen=True)
 class RunOutcome:
     path: Path
-    status: str  # "completed", "skipped" (already complete) or "busy" (another process runs it)
+    # "completed", "diverged", "skipped" (already finished) or "busy" (another process runs it)
+    status: str
+
+
+class RunInterrupted(HarnessError):
+    """A run stopped by a signal; it is recorded as interrupted and reruns from the start."""
+
+    def __init__(self, path: str, signal_name: str):
+        self.path, self.signal_name = path, signal_name
+        super().__init__(f"interrupted by {signal_name}: {path} (rerun the same command to train it again)")
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.signal_name))
 
 
 def execute(cfg: DictConfig, *, worker: bool = False) -> RunOutcome:
-    """Validate, then run one config (one seed) into its run directory.
+    """Validate, check the machine, then run one config (one seed) into its run directory.
 
     ``worker`` marks a multirun job: one torch thread (the launcher runs one job per core)
-    and no progress bar. Raises ConfigError or DatasetError before anything is written.
+    and no progress bar. Raises ConfigError, DatasetError or RunError before anything is
+    written, and RunInterrupted when a signal stopped the run.
     """
     import torch
 
-    from experiments.training import resolve_device
+    from experiments.training import build_state, resolve_device
 
     run = validate(cfg)
     settings = run.config
-    directory = RunDirectory(run_path(run))
-    if directory.is_complete() and not settings.output.overwrite:
-        log.info("%s is complete; skipping it (output.overwrite=true reruns it)", directory.path)
-        return RunOutcome(directory.path, "skipped")
+    final = RunDirectory(run.path)
+    if final.is_complete() and not settings.output.overwrite:
+        log.info("%s is finished; skipping it (output.overwrite=true reruns it)", final.path)
+        return RunOutcome(final.path, "skipped")
+    # Retraining a finished run goes to a sibling, swapped in once it is complete.
+    target = final.overwrite_sibling if final.is_complete() else final
 
+    check_output(Path(settings.output.root))
+    device = resolve_device(settings.train.device)
+    check_device(device, settings.train.device)
     threads = settings.train.threads or (1 if worker else None)
     if threads:
         torch.set_num_threads(threads)
-    device = resolve_device(settings.train.device)
     # Loads and checks the data, so a missing or wrong file fails before the directory exists.
     problem = run.problem_class(
         run.problem_config, data_root=Path(settings.data.root), seed=settings.seed, device=device
     )
+    try:
+        state = build_state(problem, run)
+    except MemoryError as error:
+        raise RunError(f"not enough memory for this run: {error}") from None
     progress = settings.train.progress
     if progress is None:
         progress = not worker and interactive_terminal()
 
-    with directory.claim() as claimed:
+    with target.claim() as claimed:
         if not claimed:
-            log.info("%s is being run by another process; skipping it", directory.path)
-            return RunOutcome(directory.path, "busy")
-        if directory.is_complete() and not settings.output.overwrite:  # finished meanwhile
-            return RunOutcome(directory.path, "skipped")
-        _train_into(directory, run, problem, progress=progress, worker=worker, device=str(device))
-    return RunOutcome(directory.path, "completed")
+            log.info("%s is being run by another process; skipping it", target.path)
+            return RunOutcome(target.path, "busy")
+        if target is final and final.is_complete():  # finished meanwhile
+            return RunOutcome(final.path, "skipped")
+        outcome = _train_into(target, run, problem, state, progress=progress, worker=worker, device=str(device))
+    if target is not final:
+        target.replace(final)
+    return RunOutcome(final.path, outcome)
 
 
-def _train_into(directory: RunDirectory, run: ValidatedRun, problem: Any, *, progress: bool, worker: bool, device: str) -> None:
-    """Write the run directory: config and metadata, metrics while training, then COMPLETE."""
-    from experiments.training import train
+def check_output(root: Path) -> None:
+    """Raise RunError unless runs can be written under ``root`` with room to spare."""
+    existing = root.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(existing))
+        probe = existing / f".aadl-write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise RunError(
+            f"output.root={root}: cannot write to {existing} ({error.strerror or error}); "
+            "choose a writable directory with output.root=<dir>"
+        ) from None
+    free = shutil.disk_usage(existing).free
+    if free < MIN_FREE_BYTES:
+        raise RunError(
+            f"output.root={root}: only {free / 2**20:.1f} MiB free on the disk of {existing}, "
+            f"a run needs at least {MIN_FREE_BYTES / 2**20:.0f} MiB; free some space or choose "
+            "another disk with output.root=<dir>"
+        )
+
+
+def check_device(device: Any, requested: str) -> None:
+    import torch
+
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RunError(
+                f"train.device={requested}: no CUDA device is available here "
+                f"(torch {torch.__version__}, torch.cuda.is_available() is False); "
+                "use train.device=cpu, or train.device=auto to take a GPU where there is one"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RunError(
+                f"train.device={requested}: this machine has {torch.cuda.device_count()} CUDA "
+                f"device(s), numbered from 0"
+            )
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[Any]:
+    """While the block runs, SIGTERM and SIGINT only set a flag; the returned callable
+    gives the signal's name once one arrived (the loop stops between two steps)."""
+    arrived: list[str] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        arrived.append(signal.Signals(signum).name)
+
+    try:
+        previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    except ValueError:  # not the main thread: the caller's handlers stay in charge
+        yield lambda: None
+        return
+    try:
+        yield lambda: arrived[0] if arrived else None
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _train_into(
+    directory: RunDirectory, run: ValidatedRun, problem: Any, state: Any, *, progress: bool, worker: bool, device: str
+) -> str:
+    """Write the run directory: config and metadata, metrics while training, then COMPLETE.
+    Returns "completed" or "diverged"."""
+    from experiments.training import TrainingStopped, train
 
     meta = run_metadata(run, device)
     meta["notes"] = problem.notes()
-    directory.start(OmegaConf.to_yaml(OmegaConf.create(run.resolved)), meta)
     log_every = max(1, run.budget // LOG_LINES)
     unit = problem.budget_unit
     seed = run.config.seed
+    counters = run.method.counters
 
     def record(row: dict[str, Any]) -> None:
         writer.write(row)
         done = row["epoch"] if row["epoch"] is not None else row["step"]
         if done % log_every == 0 or done == run.budget:
+            counted = "".join(f"  {name} {row[name]}" for name in counters)
             progress_log.info(
-                "%s %d/%d  train_loss %.4e  val_loss %.4e  lr %.2e  AA %d/%d  MA %d  %.1fs",
-                unit, done, run.budget, row["train_loss"], row["val_loss"], row["lr"],
-                row["aa_accepted"], row["aa_attempts"], row["averages_applied"], row["wall_time"],
+                "%s %d/%d  train_loss %.4e  val_loss %.4e  lr %.2e%s  %.1fs",
+                unit, done, run.budget, row["train_loss"], row["val_loss"], row["lr"], counted, row["wall_time"],
             )
 
     progress_log.propagate = not worker
-    with directory.log_to_file(log, progress_log), MetricsWriter(directory.file(METRICS_FILE), constant_columns(run)) as writer:
-        log.info("run %s seed %d -> %s", run.variant, seed, directory.path)
-        for note in meta["notes"]:
-            log.info(note)
-        try:
-            final = train(problem, run, on_evaluation=record, progress=progress)
-        except BaseException as error:  # KeyboardInterrupt too: say why the run is incomplete
-            directory.write_meta({**meta, "status": "failed", "error": repr(error), "ended": now()})
+    try:
+        directory.start(OmegaConf.to_yaml(OmegaConf.create(run.resolved)), meta)
+        with directory.log_to_file(log, progress_log), MetricsWriter(
+            directory.file(METRICS_FILE), constant_columns(run), counters
+        ) as writer:
+            log.info("run %s seed %d -> %s", run.variant, seed, directory.path)
+            for note in meta["notes"]:
+                log.info(note)
+            try:
+                with stop_on_signals() as should_stop:
+                    result = train(problem, run, state, on_evaluation=record, progress=progress, should_stop=should_stop)
+            except TrainingStopped as stopped:
+                _record_end(directory, meta, "interrupted", signal=stopped.reason)
+                log.warning("interrupted by %s after %d steps: %s", stopped.reason, state.step, directory.path)
+                raise RunInterrupted(str(directory.path), stopped.reason) from None
+            except BaseException as error:  # say why the run is incomplete
+                _record_end(directory, meta, "failed", error=repr(error))
+                raise
+        outcome = "diverged" if result.diverged else "complete"
+        _record_end(directory, meta, outcome, final=result.last_row, diverged=result.diverged)
+        directory.mark_finished(outcome, writer.rows, writer.last_step)
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise RunError(f"cannot write the run directory {directory.path}: {error.strerror}; it is left incomplete") from None
+        raise
+    if result.diverged:
+        where = result.diverged
+        log.warning(
+            "diverged %s seed %d: non-finite %s at step %d; recorded as diverged (never averaged into results)",
+            run.variant, seed, where["quantity"], where["step"],
+        )
+        return "diverged"
+    log.info("done %s seed %d: val_loss %.4e after %.1fs", run.variant, seed, result.last_row["val_loss"], result.last_row["wall_time"])
+    return "completed"
+
+
+def _record_end(directory: RunDirectory, meta: dict[str, Any], status: str, **fields: Any) -> None:
+    """Record how the run ended; where even that write fails (a full disk), say so in the
+    log instead of hiding the first error."""
+    meta.update(status=status, ended=now(), **{k: v for k, v in fields.items() if v is not None})
+    try:
+        directory.write_meta(meta)
+    except OSError as error:
+        if status == "complete":
             raise
-    directory.write_meta({**meta, "status": "complete", "ended": now(), "final": final})
-    directory.mark_complete()
-    log.info("done %s seed %d: val_loss %.4e after %.1fs", run.variant, seed, final["val_loss"], final["wall_time"])
+        log.error("could not record status %r in %s: %s", status, directory.path, error)
+
+
+# --------------------------------------------------------------------------------------------
+# Multirun: validate the whole sweep first; stop the workers with the parent
+# --------------------------------------------------------------------------------------------
+
+
+class ValidateSweep(Callback):
+    """Hydra callback: before a multirun launches anything, compose and validate every job
+    (a bad value in any job stops the sweep, naming the job and the key), and make SIGTERM
+    and SIGINT stop the worker processes too."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        overrides = list(config.hydra.overrides.task)
+        jobs = sweep_overrides(overrides)
+        for index, job in enumerate(jobs):
+            try:
+                validate(expand_sweep(job)[0])
+            except (ConfigError, DatasetError) as error:
+                print(f"error: job {index} of {len(jobs)} ({' '.join(job)}): {error}", file=sys.stderr)
+                sys.exit(2)
+        print(f"[experiments.run] {len(jobs)} job(s) validated", file=sys.stderr)
+        _stop_workers_with_parent()
+
+
+def _stop_workers_with_parent() -> None:
+    """SIGTERM/SIGINT to the sweep's process: pass SIGTERM to every worker (each records
+    its run as interrupted and says so in one line), wait for them, then exit."""
+    import psutil
+
+    def handler(signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        children = psutil.Process().children(recursive=True)
+        for child in children:
+            try:
+                child.send_signal(signal.SIGTERM)
+            except psutil.Error:
+                pass
+        psutil.wait_procs(children, timeout=60)
+        print(f"sweep stopped by {name}: its workers were stopped; rerun the same command to finish it", file=sys.stderr)
+        os._exit(128 + signum)
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, handler)
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name=CONFIG_NAME, version_base="1.3")
@@ -140,7 +324,12 @@ def main(cfg: DictConfig) -> None:
     worker = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         execute(cfg, worker=worker)
-    except (ConfigError, DatasetError) as error:
+    except RunInterrupted as stopped:
+        print(f"{stopped}", file=sys.stderr, flush=True)
+        if worker:
+            os._exit(130)  # a pool worker would otherwise outlive its sweep
+        sys.exit(130)
+    except HarnessError as error:
         if worker:
             raise  # the launcher reports the failed job with its overrides
         sys.exit(f"error: {error}")

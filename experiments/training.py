@@ -1,8 +1,9 @@
-"""The one training loop every problem shares.
+"""The one training loop every problem and every method shares.
 
-The problem supplies data, model, loss and evaluation; this module builds the base optimizer
-and the AADL wrapper from the config, applies the learning-rate schedule per budget unit,
-runs the steps and hands one row of metrics per evaluation to a callback.
+The problem supplies data, model, loss and evaluation; the method wraps the base optimizer
+(experiments.methods). This module builds both from the config into a
+:class:`TrainingState`, applies the learning-rate schedule per budget unit, runs the steps,
+watches for divergence and hands one row of metrics per evaluation to a callback.
 """
 
 from __future__ import annotations
@@ -10,38 +11,25 @@ from __future__ import annotations
 import bisect
 import math
 import time
-from typing import Any, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import torch
 from tqdm.auto import tqdm
 
-from experiments.config import BASE_OPTIMIZERS, AccelConfig, OptimizerConfig, ScheduleConfig, ValidatedRun
+from experiments.optimizers import build_base_optimizer
 from experiments.problems.base import Problem
-from experiments.results import AA_COUNTERS
+from experiments.schema import ScheduleConfig
+
+#: Steps between checks of the on-device divergence flag (one host sync each) between
+#: evaluations, so a diverged run stops soon even when evaluations are far apart.
+DIVERGENCE_CHECK_STEPS = 100
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def build_base_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    spec = BASE_OPTIMIZERS[cfg.name]
-    options: dict[str, Any] = {name: getattr(cfg, name) for name in spec.options}
-    if "betas" in options:
-        options["betas"] = tuple(options["betas"])
-    return getattr(torch.optim, spec.torch_class)(params, **options)
-
-
-def build_optimizer(model: torch.nn.Module, opt_cfg: OptimizerConfig, accel: AccelConfig) -> torch.optim.Optimizer:
-    """The base optimizer, wrapped in ``aadl.AndersonAcceleration`` when ``accel.enabled``."""
-    base = build_base_optimizer(model.parameters(), opt_cfg)
-    if not accel.enabled:
-        return base
-    from aadl import AndersonAcceleration
-
-    return AndersonAcceleration(base, **accel.settings())
 
 
 def scheduled_lr(unit_index: int, base_lr: float, schedule: ScheduleConfig) -> float:
@@ -62,78 +50,169 @@ def scheduled_lr(unit_index: int, base_lr: float, schedule: ScheduleConfig) -> f
     return lr
 
 
+@dataclass
+class TrainingState:
+    """Everything the loop changes while it trains: what a checkpoint has to hold."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    unit: int = 0  # budget units completed
+    step: int = 0  # optimizer steps taken
+    # Sum and count of the minibatch losses since the last evaluation, kept on the device
+    # so that a step needs no host synchronisation.
+    loss_sum: Optional[torch.Tensor] = None
+    loss_count: int = 0
+    # The first step whose loss was not finite (-1: none), also kept on the device.
+    first_nonfinite_step: Optional[torch.Tensor] = None
+    elapsed: float = 0.0  # seconds of training before ``started``
+    started: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
+        device = next(self.model.parameters()).device
+        if self.loss_sum is None:
+            self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        if self.first_nonfinite_step is None:
+            self.first_nonfinite_step = torch.full((), -1, dtype=torch.int64, device=device)
+
+    def record_loss(self, loss: torch.Tensor) -> None:
+        loss = loss.detach()
+        self.loss_sum += loss.to(torch.float64)
+        self.loss_count += 1
+        nonfinite = ~torch.isfinite(loss) & (self.first_nonfinite_step < 0)
+        self.first_nonfinite_step.copy_(torch.where(nonfinite, self.step, self.first_nonfinite_step))
+
+    def take_mean_loss(self) -> float:
+        """The mean minibatch loss since the last call (NaN before any step), then reset."""
+        mean = float(self.loss_sum) / self.loss_count if self.loss_count else math.nan
+        self.loss_sum.zero_()
+        self.loss_count = 0
+        return mean
+
+    def wall_time(self) -> float:
+        return self.elapsed + time.perf_counter() - self.started
+
+    def divergence(self) -> Optional[dict[str, Any]]:
+        """Where the run first went non-finite: a training loss, or else the parameters."""
+        first = int(self.first_nonfinite_step)
+        if first >= 0:
+            return {"step": first, "unit": self.unit, "quantity": "train_loss"}
+        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            return {"step": self.step, "unit": self.unit, "quantity": "parameters"}
+        return None
+
+
+def build_state(problem: Problem, run: Any) -> TrainingState:
+    """Model and optimizer for one seed; every variant of a seed starts from the same weights.
+
+    Called before the run directory is written, so that a method that cannot allocate
+    what it needs fails before anything is on disk."""
+    cfg = run.config
+    torch.manual_seed(cfg.seed)
+    model = problem.build_model()
+    base = build_base_optimizer(model.parameters(), cfg.optimizer)
+    return TrainingState(model=model, optimizer=run.method.wrap(base, model))
+
+
+class TrainingStopped(Exception):
+    """Raised between two steps when ``should_stop`` says so (a signal arrived)."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(reason)
+
+    def __reduce__(self):
+        return (type(self), (self.reason,))
+
+
+@dataclass
+class TrainingOutcome:
+    last_row: dict[str, Any]
+    diverged: Optional[dict[str, Any]]  # None, or {"step", "unit", "quantity"}
+
+
 def train(
     problem: Problem,
-    run: ValidatedRun,
+    run: Any,
+    state: TrainingState,
     *,
     on_evaluation: Callable[[dict[str, Any]], None],
     progress: bool = False,
-) -> dict[str, Any]:
-    """Train one seed; call ``on_evaluation(row)`` before the first step, every
-    ``train.eval_every`` budget units and after the last one. Returns the last row.
+    should_stop: Callable[[], Optional[str]] = lambda: None,
+) -> TrainingOutcome:
+    """Train one seed from ``state``; call ``on_evaluation(row)`` before the first step,
+    every ``train.eval_every`` budget units and after the last one.
 
     A row holds step (optimizer steps so far), epoch (None for iteration budgets),
     train_loss (mean minibatch loss since the previous row, each taken before its step;
     NaN in the first row), the problem's metrics, lr, wall_time (seconds since training
-    started, evaluations included) and the wrapper's counters.
+    started, evaluations included) and the method's counters.
+
+    A non-finite training loss, parameter or validation loss is divergence: with
+    ``train.stop_on_divergence`` the run stops at once (after an evaluation row), otherwise
+    it goes on; either way the outcome records where it first happened.
     """
     cfg = run.config
+    method = run.method
+    model, optimizer = state.model, state.optimizer
     epoch_budget = problem.budget_unit == "epoch"
-    torch.manual_seed(cfg.seed)  # the same initial weights for every variant of a seed
-    model = problem.build_model()
-    optimizer = build_optimizer(model, cfg.optimizer, cfg.accel)
-    accelerated = cfg.accel.enabled
-
-    def counters() -> dict[str, int]:
-        if not accelerated:
-            return dict.fromkeys(AA_COUNTERS, 0)
-        stats = optimizer.stats.as_dict()
-        return {name: int(stats[name]) for name in AA_COUNTERS}
-
-    steps = 0
-    loss_sum, loss_count = 0.0, 0
-    started = time.perf_counter()
+    diverged: Optional[dict[str, Any]] = None
     last_row: dict[str, Any] = {}
-    bar = tqdm(total=run.budget, unit=problem.budget_unit, disable=not progress, mininterval=0.5, dynamic_ncols=True)
+    bar = tqdm(total=run.budget, initial=state.unit, unit=problem.budget_unit, disable=not progress, mininterval=0.5, dynamic_ncols=True)
 
-    def evaluate(unit: int, lr: float) -> None:
-        nonlocal loss_sum, loss_count, last_row
+    def evaluate(lr: float) -> None:
+        nonlocal last_row, diverged
         model.eval()
         metrics = problem.evaluate(model)
         model.train()
         last_row = {
-            "step": steps,
-            "epoch": unit if epoch_budget else None,
-            "train_loss": loss_sum / loss_count if loss_count else math.nan,
+            "step": state.step,
+            "epoch": state.unit if epoch_budget else None,
+            "train_loss": state.take_mean_loss(),
             **metrics,
             "lr": lr,
-            "wall_time": time.perf_counter() - started,
-            **counters(),
+            "wall_time": state.wall_time(),
+            **method.counter_values(optimizer),
         }
-        loss_sum, loss_count = 0.0, 0
+        if diverged is None:
+            diverged = state.divergence()
+            if diverged is None and not math.isfinite(metrics["val_loss"]):
+                diverged = {"step": state.step, "unit": state.unit, "quantity": "val_loss"}
         on_evaluation(last_row)
         bar.set_postfix(val_loss=f"{metrics['val_loss']:.3e}", refresh=False)
 
+    def step_closure(batch: Any) -> Optional[Callable[[], torch.Tensor]]:
+        if method.closure == "loss":
+            # The safeguard compares losses at candidate points: loss only, no backward
+            # (the wrapper calls it under torch.no_grad()).
+            return lambda: problem.loss(model, batch)
+        return None
+
+    stopping = cfg.train.stop_on_divergence
     with bar:
-        evaluate(0, scheduled_lr(0, cfg.optimizer.lr, cfg.schedule))
-        for unit in range(1, run.budget + 1):
+        if state.unit == 0:
+            evaluate(scheduled_lr(0, cfg.optimizer.lr, cfg.schedule))
+        while state.unit < run.budget and not (stopping and diverged):
+            unit = state.unit + 1
             lr = scheduled_lr(unit - 1, cfg.optimizer.lr, cfg.schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            nonfinite = False  # a non-finite loss seen at a periodic check
             for batch in problem.batches(unit):
                 loss = problem.loss(model, batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if accelerated:
-                    # The safeguard compares losses at candidate points: loss only, no
-                    # backward (the wrapper calls it under torch.no_grad()).
-                    optimizer.step(lambda batch=batch: problem.loss(model, batch))
-                else:
-                    optimizer.step()
-                loss_sum += loss.item()
-                loss_count += 1
-                steps += 1
-            if unit % cfg.train.eval_every == 0 or unit == run.budget:
-                evaluate(unit, lr)
+                closure = step_closure(batch)
+                optimizer.step(closure) if closure is not None else optimizer.step()
+                state.record_loss(loss)
+                state.step += 1
+                reason = should_stop()
+                if reason is not None:
+                    raise TrainingStopped(reason)
+                if stopping and state.step % DIVERGENCE_CHECK_STEPS == 0 and int(state.first_nonfinite_step) >= 0:
+                    nonfinite = True
+                    break
+            state.unit = unit
+            if unit % cfg.train.eval_every == 0 or unit == run.budget or nonfinite:
+                evaluate(lr)
             bar.update(1)
-    return last_row
+    return TrainingOutcome(last_row, diverged)

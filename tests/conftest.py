@@ -5,21 +5,28 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Sequence
 
+import os
+
 import pytest
 
-from experiments.config import CONFIG_DIR  # noqa: F401  (tests import it from here)
+from experiments.compose import CONFIG_DIR  # noqa: F401  (tests import it from here)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# Tests never download: they read the data beside the checkout, in ../shared/data.
+# Tests never download: they read the data beside the checkout, in ../shared/data. Every
+# config a test composes (and every process it starts) finds it there unless it says otherwise:
+# a run's identity holds the checksum of its data, so validation reads the file.
 SHARED_DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
+os.environ.setdefault("AADL_DATA_ROOT", str(SHARED_DATA_ROOT))
 
 
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     """The shared data root; skips the test where ../shared/data is not beside the checkout."""
-    from experiments.data import GRADUATE_ADMISSIONS
+    from experiments.problems.graduate_admissions.data import GRADUATE_ADMISSIONS
 
     if not GRADUATE_ADMISSIONS.path(SHARED_DATA_ROOT).is_file():
+        if os.environ.get("CI"):  # CI always has ../shared: a missing file there is a failure
+            pytest.fail(f"missing {GRADUATE_ADMISSIONS.path(SHARED_DATA_ROOT)}")
         pytest.skip(f"needs {GRADUATE_ADMISSIONS.path(SHARED_DATA_ROOT)} (../shared/data beside the checkout)")
     return SHARED_DATA_ROOT
 
@@ -27,7 +34,7 @@ def data_root() -> Path:
 @pytest.fixture
 def compose() -> Callable[..., object]:
     """``compose(*overrides)``: the config ``python -m experiments.run <overrides>`` would get."""
-    from experiments.config import compose as compose_config
+    from experiments.compose import compose as compose_config
 
     return compose_config
 

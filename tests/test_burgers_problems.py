@@ -176,7 +176,7 @@ def test_points_are_redrawn_every_resample_every_iterations_and_depend_on_the_se
 
 def test_redraws_start_with_the_learning_rate_stages_of_the_same_length():
     """The training loop runs iterations 1..budget; iteration u has schedule stage (u-1)//500."""
-    from experiments.config import ScheduleConfig
+    from experiments.schema import ScheduleConfig
     from experiments.training import scheduled_lr
 
     problem = make(Burgers2D, resample_every=500, n_collocation=10)

@@ -6,7 +6,9 @@ import pytest
 from hydra.errors import ConfigCompositionException
 
 from conftest import CONFIG_DIR
-from experiments.config import ConfigError, validate
+from experiments.compose import preset_sweep
+from experiments.errors import ConfigError
+from experiments.validation import validate
 
 EXPERIMENT_CONFIGS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 PAPER_PRESETS = sorted(p.stem for p in (CONFIG_DIR / "paper").glob("*.yaml"))
@@ -22,7 +24,7 @@ def test_default_config_is_the_papers_graduate_admissions_setup(compose):
     assert run.problem_config.width == 64 and run.problem_config.activation == "relu"
     assert cfg.train.epochs > 1000, "the paper drops the learning rate at epoch 1,000"
     # The paper's p, q, m, beta, eps for Fig. 1.
-    accel = cfg.accel
+    accel = validate(compose("method=aadl")).method.settings
     assert (accel.frequency, accel.store_every, accel.history) == (1, 1, 10)
     assert (accel.relaxation, accel.average_threshold) == (0.1, 0.1)
 
@@ -31,17 +33,19 @@ def test_default_config_is_the_papers_graduate_admissions_setup(compose):
     "choice, variant, average",
     [("none", "Adam", False), ("aadl", "Adam+AADL", False), ("aadl_ma", "Adam+AADL+MA", True)],
 )
-def test_accel_group_selects_the_variant(compose, choice, variant, average):
-    run = validate(compose(f"accel={choice}"))
+def test_method_group_selects_the_variant(compose, choice, variant, average):
+    run = validate(compose(f"method={choice}"))
     assert run.variant == variant
-    assert run.config.accel.enabled is (choice != "none")
-    assert run.config.accel.average is average
+    assert run.method.name == ("none" if choice == "none" else "aadl")
+    assert run.method.baseline is (choice == "none")
+    if choice != "none":
+        assert run.method.settings.average is average
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENT_CONFIGS)
 @pytest.mark.parametrize("accel", ["none", "aadl", "aadl_ma"])
 def test_every_experiment_composes_and_validates(compose, experiment, accel):
-    run = validate(compose(f"experiment={experiment}", f"accel={accel}"))
+    run = validate(compose(f"experiment={experiment}", f"method={accel}"))
     assert run.config.experiment == experiment
     assert run.budget >= 1
 
@@ -50,16 +54,16 @@ def test_every_experiment_composes_and_validates(compose, experiment, accel):
 def test_every_paper_preset_composes_and_validates(compose, preset):
     cfg = compose(f"+paper={preset}", return_hydra_config=True)
     params = cfg.hydra.sweeper.params
-    assert set(params["accel"].split(",")) == {"none", "aadl", "aadl_ma"}
+    assert set(params["method"].split(",")) == {"none", "aadl", "aadl_ma"}
     assert "seed" in params
-    for accel in ("none", "aadl", "aadl_ma"):
-        validate(compose(f"+paper={preset}", f"accel={accel}"))
+    for method in ("none", "aadl", "aadl_ma"):
+        validate(compose(f"+paper={preset}", f"method={method}"))
 
 
 def test_fig1_preset_sweeps_three_variants_over_seeds_0_to_19_in_parallel(compose):
     cfg = compose("+paper=fig1", return_hydra_config=True)
     params = cfg.hydra.sweeper.params
-    assert sorted(params["accel"].split(",")) == ["aadl", "aadl_ma", "none"] and params["seed"] == "range(0,20)"
+    assert sorted(params["method"].split(",")) == ["aadl", "aadl_ma", "none"] and params["seed"] == "range(0,20)"
     assert cfg.hydra.launcher._target_.endswith("JoblibLauncher")
     assert cfg.hydra.launcher.n_jobs == -1  # one process per core
     assert cfg.output.name == "fig1" and cfg.experiment == "graduate_admissions"
@@ -69,26 +73,27 @@ def test_fig1_preset_sweeps_three_variants_over_seeds_0_to_19_in_parallel(compos
     "name, value",
     [("history", 20), ("frequency", 5), ("store_every", 5), ("relaxation", 0.5), ("regularization", 1e-6),
      ("warmup", 3), ("average_window", 4), ("average_threshold", 0.2), ("average_criterion", "reference_code"),
-     ("safeguard", "none"), ("solver", "qr"), ("mixing", "paper_eq6"), ("distributed", "sharded")],
+     ("safeguard", "none"), ("solver", "qr"), ("mixing", "paper_eq6"), ("distributed", "sharded"),
+     ("history_device", "cpu")],
 )
 def test_every_contract_hyperparameter_is_overridable(compose, name, value):
-    run = validate(compose("accel=aadl_ma", f"accel.{name}={value}"))
-    assert getattr(run.config.accel, name) == value
-    assert run.config.accel.settings()[name] == value  # what the wrapper receives
+    run = validate(compose("method=aadl_ma", f"method.aadl.{name}={value}"))
+    assert getattr(run.method.settings, name) == value  # what the wrapper receives
+    assert run.resolved["method"]["aadl"][name] == value
 
 
 @pytest.mark.parametrize(
     "override, key",
     [
-        ("accel.history=0", "accel.history"),
-        ("accel.frequency=0", "accel.frequency"),
-        ("accel.relaxation=1.5", "accel.relaxation"),
-        ("accel.relaxation=0", "accel.relaxation"),
-        ("accel.regularization=-1", "accel.regularization"),
-        ("accel.average_threshold=0", "accel.average_threshold"),
-        ("accel.average_window=1", "accel.average_window"),
-        ("accel.solver=svd", "accel.solver"),
-        ("accel.safeguard=maybe", "accel.safeguard"),
+        ("method.aadl.history=0", "method.aadl.history"),
+        ("method.aadl.frequency=0", "method.aadl.frequency"),
+        ("method.aadl.relaxation=1.5", "method.aadl.relaxation"),
+        ("method.aadl.relaxation=0", "method.aadl.relaxation"),
+        ("method.aadl.regularization=-1", "method.aadl.regularization"),
+        ("method.aadl.average_threshold=0", "method.aadl.average_threshold"),
+        ("method.aadl.average_window=1", "method.aadl.average_window"),
+        ("method.aadl.solver=svd", "method.aadl.solver"),
+        ("method.aadl.safeguard=maybe", "method.aadl.safeguard"),
         ("seed=-1", "seed"),
         ("train.epochs=0", "train.epochs"),
         ("train.iterations=100", "train.iterations"),
@@ -111,14 +116,14 @@ def test_every_contract_hyperparameter_is_overridable(compose, name, value):
 )
 def test_out_of_range_values_are_rejected_naming_the_key(compose, override, key):
     with pytest.raises(ConfigError) as error:
-        validate(compose("accel=aadl_ma", override))
+        validate(compose("method=aadl_ma", override))
     assert error.value.key == key
     assert str(error.value).startswith(f"{key}: ")
 
 
 @pytest.mark.parametrize(
     "override, named",
-    [("accel.histroy=3", "accel.histroy"), ("accel.history=abc", "accel.history"), ("train.epoch=5", "train.epoch")],
+    [("method.aadl.histroy=3", "method.aadl.histroy"), ("method.aadl.history=abc", "method.aadl.history"), ("train.epoch=5", "train.epoch")],
 )
 def test_typos_and_wrong_types_are_rejected_while_composing(compose, override, named):
     with pytest.raises(ConfigCompositionException) as error:
@@ -132,28 +137,29 @@ def test_sgd_with_nesterov_momentum_and_warmup_is_expressible(compose):
         compose(
             "optimizer.name=sgd", "optimizer.lr=0.98", "optimizer.momentum=0.9", "optimizer.nesterov=true",
             "optimizer.weight_decay=5e-5", "schedule.milestones=[30,60,80]", "schedule.gamma=0.1",
-            "schedule.warmup=5", "schedule.warmup_start_lr=0.05", "accel=aadl",
+            "schedule.warmup=5", "schedule.warmup_start_lr=0.05", "method=aadl",
         )
     )
     assert run.variant == "SGD+AADL"
 
 
 def test_run_identity_ignores_seed_and_paths_but_not_hyperparameters(compose):
-    base = validate(compose("accel=aadl"))
-    assert validate(compose("accel=aadl", "seed=7", "output.root=/elsewhere", "data.root=/data")).config_id == base.config_id
-    assert validate(compose("accel=aadl", "accel.history=5")).config_id != base.config_id
-    assert validate(compose("accel=aadl", "train.epochs=10")).config_id != base.config_id
-    # Without acceleration the Anderson hyperparameters do not change what runs.
-    plain = validate(compose("accel=none"))
-    assert validate(compose("accel=none", "accel.history=5")).config_id == plain.config_id
+    base = validate(compose("method=aadl"))
+    assert validate(compose("method=aadl", "seed=7", "output.root=/elsewhere", "train.threads=2")).config_id == base.config_id
+    assert validate(compose("method=aadl", "method.aadl.history=5")).config_id != base.config_id
+    assert validate(compose("method=aadl", "train.epochs=10")).config_id != base.config_id
+    # The settings of a method the run does not use do not change what runs.
+    plain = validate(compose("method=none"))
+    assert validate(compose("method=none", "method.aadl.history=5")).config_id == plain.config_id
 
 
 def test_data_root_defaults_to_the_environment_variable(compose, monkeypatch):
     monkeypatch.setenv("AADL_DATA_ROOT", "/from/env")
-    assert validate(compose()).config.data.root == "/from/env"
-    assert validate(compose("data.root=/explicit")).config.data.root == "/explicit"
+    assert compose().data.root == "/from/env"
+    assert compose("data.root=/explicit").data.root == "/explicit"
     monkeypatch.delenv("AADL_DATA_ROOT")
-    assert validate(compose()).config.data.root == "data"
+    assert compose().data.root == "data"
+    assert validate(compose("experiment=burgers2d")).config.data.root == "data"  # reads no data
 
 
 @pytest.mark.parametrize(
@@ -167,17 +173,18 @@ def test_burgers_presets_carry_the_papers_settings(compose, preset, experiment, 
     """The settings table of ../shared/spec/aadl-algorithm.md, three variants x seeds 0-19."""
     cfg = compose(f"+paper={preset}", return_hydra_config=True)
     params = cfg.hydra.sweeper.params
-    assert sorted(params["accel"].split(",")) == ["aadl", "aadl_ma", "none"] and params["seed"] == "range(0,20)"
+    assert sorted(params["method"].split(",")) == ["aadl", "aadl_ma", "none"] and params["seed"] == "range(0,20)"
     assert cfg.output.name == preset
-    for accel in ("none", "aadl", "aadl_ma"):
-        run = validate(compose(f"+paper={preset}", f"accel={accel}"))
+    for method in ("none", "aadl", "aadl_ma"):
+        run = validate(compose(f"+paper={preset}", f"method={method}"))
         settings, problem = run.config, run.problem_config
         assert settings.experiment == experiment and run.problem_class.budget_unit == "iteration"
         assert (problem.depth, problem.width, problem.activation) == (*network, "relu")
         assert (settings.optimizer.name, settings.optimizer.lr) == ("adam", lr)
         assert (settings.schedule.every, settings.schedule.gamma) == (every, gamma)
-        assert (settings.accel.frequency, settings.accel.store_every, settings.accel.history) == p_q_m
-        assert (settings.accel.relaxation, settings.accel.average_threshold) == (1.0, 0.1)
+        aadl = run.resolved["method"]["aadl"]  # the paper's settings, for both AADL variants
+        assert (aadl["frequency"], aadl["store_every"], aadl["history"]) == p_q_m
+        assert (aadl["relaxation"], aadl["average_threshold"]) == (1.0, 0.1)
         # The budget spans whole learning-rate stages and every curve has ~200-300 points.
         assert settings.train.iterations % every == 0 and settings.train.epochs is None
         assert 200 <= settings.train.iterations // settings.train.eval_every <= 500
@@ -185,10 +192,8 @@ def test_burgers_presets_carry_the_papers_settings(compose, preset, experiment, 
 
 
 def test_preset_sweep_lists_what_a_preset_runs():
-    from experiments.config import preset_sweep
-
     sweep = preset_sweep("fig2")
-    assert sweep["accel"] == ["aadl_ma", "aadl", "none"] and sweep["seed"] == [str(s) for s in range(20)]
+    assert sweep["method"] == ["aadl_ma", "aadl", "none"] and sweep["seed"] == [str(s) for s in range(20)]
 
 
 @pytest.mark.parametrize("override", ["problem.width=0", "problem.activation=gelu", "problem.resample_every=-1"])

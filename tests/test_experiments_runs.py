@@ -15,10 +15,12 @@ import yaml
 
 from conftest import REPO_ROOT
 from experiments.analysis.aggregate import load_results
-from experiments.config import ACCEL_HYPERPARAMETERS
+from aadl import SETTING_NAMES
+from experiments.methods.aadl import COUNTERS
 from experiments.problems.graduate_admissions.problem import GraduateAdmissions
-from experiments.results import COMPLETE_FILE, METRICS_COLUMNS, RunDirectory
+from experiments.results import COMPLETE_FILE, IDENTITY_COLUMNS, PROGRESS_COLUMNS, TRAILING_COLUMNS, RunDirectory
 from experiments.run import execute
+from experiments.validation import validate
 
 EPOCHS = 3
 
@@ -38,9 +40,18 @@ def read_metrics(path) -> pd.DataFrame:
     return pd.read_csv(path / "metrics.csv")
 
 
+def expected_columns(method: str, problem_metrics: list[str]) -> list[str]:
+    """metrics.csv's columns: the common ones, and AADL's settings and counters where it runs."""
+    aadl = method != "none"
+    return [
+        *IDENTITY_COLUMNS, *(SETTING_NAMES if aadl else ()), *PROGRESS_COLUMNS, *problem_metrics,
+        *TRAILING_COLUMNS, *(COUNTERS if aadl else ()),
+    ]
+
+
 @pytest.mark.parametrize("accel, variant", [("none", "Adam"), ("aadl", "Adam+AADL"), ("aadl_ma", "Adam+AADL+MA")])
 def test_short_run_writes_a_complete_schema_valid_run_directory(short_run, tmp_path, accel, variant):
-    outcome = short_run(f"accel={accel}", "seed=3")
+    outcome = short_run(f"method={accel}", "seed=3")
     path = outcome.path
     assert outcome.status == "completed"
     assert path.relative_to(tmp_path / "runs").parts[:2] == ("graduate_admissions", "default")
@@ -48,10 +59,8 @@ def test_short_run_writes_a_complete_schema_valid_run_directory(short_run, tmp_p
     assert RunDirectory(path).is_complete()
 
     metrics = read_metrics(path)
-    # Schema: the required columns, in order, with the problem's metric before lr.
-    required = [c for c in metrics.columns if c != "val_r2"]
-    assert required == list(METRICS_COLUMNS)
-    assert metrics.columns.get_loc("val_r2") == metrics.columns.get_loc("lr") - 1
+    # Schema: the common columns, the method's own, and the problem's metric before lr.
+    assert list(metrics.columns) == expected_columns(accel, ["val_r2"])
     # One row per evaluation: before training, then after every epoch.
     assert metrics["epoch"].tolist() == list(range(EPOCHS + 1))
     assert metrics["step"].tolist() == [10 * e for e in range(EPOCHS + 1)]  # 400 rows / batch 40
@@ -60,12 +69,10 @@ def test_short_run_writes_a_complete_schema_valid_run_directory(short_run, tmp_p
     assert math.isnan(metrics["train_loss"][0]) and metrics["train_loss"][1:].gt(0).all()
     assert metrics["val_loss"].gt(0).all() and metrics["val_loss"].iloc[-1] < metrics["val_loss"].iloc[0]
     assert metrics["wall_time"].is_monotonic_increasing
-    for counter in ("aa_attempts", "aa_accepted", "averages_applied"):
-        assert metrics[counter].is_monotonic_increasing and metrics[counter].iloc[0] == 0
-    if accel == "none":
-        assert metrics[list(ACCEL_HYPERPARAMETERS)].isna().all().all()
-        assert metrics[["aa_attempts", "averages_applied"]].eq(0).all().all()
-    else:
+    assert set(metrics["method"]) == {"none" if accel == "none" else "aadl"}
+    if accel != "none":
+        for counter in COUNTERS:
+            assert metrics[counter].is_monotonic_increasing and metrics[counter].iloc[0] == 0
         first = metrics.iloc[0]
         assert (first.history, first.frequency, first.store_every, first.relaxation, first.average_threshold) == (10, 1, 1, 0.1, 0.1)
         assert bool(first.average) is (accel == "aadl_ma")
@@ -76,9 +83,15 @@ def test_short_run_writes_a_complete_schema_valid_run_directory(short_run, tmp_p
 
     config = yaml.safe_load((path / "config.yaml").read_text())
     assert config["train"]["epochs"] == EPOCHS and config["seed"] == 3
-    assert config["problem"]["batch_size"] == 40 and config["accel"]["enabled"] is (accel != "none")
+    assert config["problem"]["batch_size"] == 40 and config["method"]["name"] == ("none" if accel == "none" else "aadl")
+    assert config["method"]["aadl"]["average"] is (accel == "aadl_ma")
     meta = json.loads((path / "meta.json").read_text())
     assert meta["status"] == "complete" and meta["variant"] == variant
+    assert (meta["method"], meta["baseline"], meta["legend_order"]) == (
+        {"none": ("none", True, 0), "aadl": ("aadl", False, 1), "aadl_ma": ("aadl", False, 2)}[accel]
+    )
+    assert meta["budget"] == {"unit": "epoch", "total": EPOCHS, "eval_every": 1} and meta["expected_rows"] == EPOCHS + 1
+    assert json.loads((path / COMPLETE_FILE).read_text())["rows"] == EPOCHS + 1
     assert {"commit", "dirty"} <= set(meta["git"]) and meta["torch"] and meta["host"] and meta["started"] <= meta["ended"]
     assert any("400 training / 100 validation" in line for line in meta["notes"])
     assert meta["final"]["val_loss"] == pytest.approx(metrics["val_loss"].iloc[-1])
@@ -87,19 +100,19 @@ def test_short_run_writes_a_complete_schema_valid_run_directory(short_run, tmp_p
 
 
 def test_every_variant_starts_from_the_same_weights_for_a_seed(short_run):
-    first_rows = [read_metrics(short_run(f"accel={a}").path)["val_loss"][0] for a in ("none", "aadl", "aadl_ma")]
+    first_rows = [read_metrics(short_run(f"method={a}").path)["val_loss"][0] for a in ("none", "aadl", "aadl_ma")]
     assert first_rows[0] == first_rows[1] == first_rows[2]
     assert read_metrics(short_run("seed=1").path)["val_loss"][0] != first_rows[0]
 
 
 def test_rerun_skips_a_complete_run_and_overwrite_reproduces_it(short_run):
-    first = short_run("accel=aadl")
+    first = short_run("method=aadl")
     before = (first.path / "metrics.csv").stat().st_mtime_ns
-    again = short_run("accel=aadl")
+    again = short_run("method=aadl")
     assert (again.status, again.path) == ("skipped", first.path)
     assert (first.path / "metrics.csv").stat().st_mtime_ns == before
     values = read_metrics(first.path)
-    redo = short_run("accel=aadl", "output.overwrite=true")
+    redo = short_run("method=aadl", "output.overwrite=true")
     assert redo.status == "completed" and redo.path == first.path
     rerun = read_metrics(first.path)
     # Bit-for-bit the same training on CPU; only the timing differs.
@@ -107,7 +120,7 @@ def test_rerun_skips_a_complete_run_and_overwrite_reproduces_it(short_run):
 
 
 def test_interrupted_run_is_never_read_as_complete_and_is_redone(short_run, tmp_path, monkeypatch):
-    short_run("accel=none")  # one complete run beside the interrupted one
+    short_run("method=none")  # one complete run beside the interrupted one
 
     evaluate = GraduateAdmissions.evaluate
     calls = {"n": 0}
@@ -120,7 +133,7 @@ def test_interrupted_run_is_never_read_as_complete_and_is_redone(short_run, tmp_
 
     monkeypatch.setattr(GraduateAdmissions, "evaluate", evaluate_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
-        short_run("accel=aadl")
+        short_run("method=aadl")
     monkeypatch.undo()
 
     interrupted = next((tmp_path / "runs").rglob("Adam+AADL-*/seed=0"))
@@ -134,13 +147,13 @@ def test_interrupted_run_is_never_read_as_complete_and_is_redone(short_run, tmp_
     assert set(results.metrics["variant"]) == {"Adam"}
     assert results.incomplete == [interrupted]
 
-    redo = short_run("accel=aadl")  # not skipped: it starts again from scratch
+    redo = short_run("method=aadl")  # not skipped: it starts again from scratch
     assert redo.status == "completed" and redo.path == interrupted
     assert len(read_metrics(interrupted)) == EPOCHS + 1
 
 
 def test_missing_data_fails_before_any_run_directory_exists(compose, tmp_path):
-    from experiments.data import DatasetError
+    from experiments.errors import DatasetError
 
     cfg = compose("train.epochs=1", f"data.root={tmp_path / 'nowhere'}", f"output.root={tmp_path / 'runs'}")
     with pytest.raises(DatasetError, match="download graduate_admissions"):
@@ -171,7 +184,7 @@ def test_cli_runs_the_fig1_preset_in_parallel_workers(data_root, tmp_path):
 
 def test_cli_rejects_a_bad_value_naming_the_key_before_running(data_root, tmp_path):
     env = {**os.environ, "AADL_DATA_ROOT": str(data_root)}
-    command = [sys.executable, "-m", "experiments.run", "accel=aadl", "accel.relaxation=2", f"output.root={tmp_path}", f"hydra.run.dir={tmp_path / 'hydra'}"]
+    command = [sys.executable, "-m", "experiments.run", "method=aadl", "accel.relaxation=2", f"output.root={tmp_path}", f"hydra.run.dir={tmp_path / 'hydra'}"]
     done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "accel.relaxation" in done.stderr and "0 < relaxation <= 1" in done.stderr
@@ -179,11 +192,8 @@ def test_cli_rejects_a_bad_value_naming_the_key_before_running(data_root, tmp_pa
 
 
 def test_a_run_held_by_another_process_is_left_alone(compose, data_root, tmp_path):
-    from experiments.config import validate
-    from experiments.results import run_path
-
     cfg = compose("train.epochs=1", f"data.root={data_root}", f"output.root={tmp_path / 'runs'}")
-    directory = RunDirectory(run_path(validate(cfg)))
+    directory = RunDirectory(validate(cfg).path)
     with directory.claim() as claimed:  # what a concurrent process running this config holds
         assert claimed
         outcome = execute(cfg)
@@ -198,14 +208,14 @@ BURGERS_ITERATIONS = 4
 @pytest.mark.parametrize("accel", ["none", "aadl_ma"])
 def test_short_burgers_run_writes_complete_schema_valid_metrics(compose, tmp_path, experiment, accel):
     cfg = compose(
-        f"experiment={experiment}", f"accel={accel}", f"train.iterations={BURGERS_ITERATIONS}",
+        f"experiment={experiment}", f"method={accel}", f"train.iterations={BURGERS_ITERATIONS}",
         "train.eval_every=2", f"output.root={tmp_path}",
     )
     outcome = execute(cfg)
     assert outcome.status == "completed" and RunDirectory(outcome.path).is_complete()
     metrics = read_metrics(outcome.path)
     problem_metrics = ["val_mse_u", "val_mse_f", "val_rel_l2"]
-    assert list(metrics.columns) == [*METRICS_COLUMNS[: METRICS_COLUMNS.index("lr")], *problem_metrics, *METRICS_COLUMNS[METRICS_COLUMNS.index("lr"):]]
+    assert list(metrics.columns) == expected_columns(accel, problem_metrics)
     # Iteration budget: one step per iteration, rows at 0, 2, 4, no epochs.
     assert metrics["step"].tolist() == [0, 2, 4] and metrics["epoch"].isna().all()
     assert metrics["val_loss"].to_numpy() == pytest.approx((metrics["val_mse_u"] + metrics["val_mse_f"]).to_numpy(), rel=1e-5)
@@ -213,7 +223,8 @@ def test_short_burgers_run_writes_complete_schema_valid_metrics(compose, tmp_pat
     assert set(metrics["lr"]) == {cfg.optimizer.lr}
     if accel == "aadl_ma":
         first = metrics.iloc[0]
-        assert (first.frequency, first.store_every, first.history) == (cfg.accel.frequency, cfg.accel.store_every, cfg.accel.history)
+        paper = cfg.method.aadl
+        assert (first.frequency, first.store_every, first.history) == (paper.frequency, paper.store_every, paper.history)
     meta = json.loads((outcome.path / "meta.json").read_text())
     assert meta["status"] == "complete" and meta["final"]["val_rel_l2"] == pytest.approx(metrics["val_rel_l2"].iloc[-1])
     notes = " ".join(meta["notes"])

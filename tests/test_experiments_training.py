@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from experiments.config import OptimizerConfig, ScheduleConfig
-from experiments.training import build_base_optimizer, scheduled_lr
+from experiments.schema import OptimizerConfig, ScheduleConfig
+from experiments.optimizers import build_base_optimizer
+from experiments.training import scheduled_lr
 
 
 def lrs(schedule: ScheduleConfig, base_lr: float, units: list[int]) -> list[float]:

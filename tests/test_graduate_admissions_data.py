@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from experiments import data
-from experiments.data import GRADUATE_ADMISSIONS as SPEC
+from experiments.problems.graduate_admissions.data import GRADUATE_ADMISSIONS as SPEC
 from experiments.data import DatasetError, load_table
 
 FEATURES = ("GRE Score", "TOEFL Score", "University Rating", "SOP", "LOR", "CGPA", "Research")

@@ -22,6 +22,14 @@ class Problem(abc.ABC):
     name: ClassVar[str]  # experiment name, e.g. "graduate_admissions"
     budget_unit: ClassVar[str]  # one of BUDGET_UNITS
     Config: ClassVar[type]  # dataclass for this problem's ``problem.*`` config section
+    datasets: ClassVar[tuple[Any, ...]] = ()  # experiments.data.TabularDataset files it reads
+
+    @classmethod
+    def input_identity(cls, cfg: Any, data_root: Path) -> dict[str, str]:
+        """Checksums of the input data, by identity key (``data.<name>.sha256``): part of
+        the run's identity, so runs on other data never pass for runs on this data. Raises
+        DatasetError where a file is missing or wrong, before any run directory exists."""
+        return {}
 
     def __init__(self, cfg: Any, *, data_root: Path, seed: int, device: torch.device):
         self.cfg = cfg

@@ -32,7 +32,7 @@ from experiments.problems.burgers.exact import (
     ProductSolution,
     burgers2d_on_grid,
 )
-from experiments.config import require
+from experiments.errors import require
 from experiments.problems.burgers.pinn import ACTIVATIONS, DERIVATIVE_METHODS, PinnMLP, input_derivatives
 from experiments.problems.base import Problem
 

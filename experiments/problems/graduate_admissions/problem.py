@@ -16,8 +16,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from experiments.config import require
-from experiments.data import GRADUATE_ADMISSIONS, load_table
+from experiments.data import load_table
+from experiments.errors import require
+from experiments.problems.graduate_admissions.data import GRADUATE_ADMISSIONS
 from experiments.problems.base import Problem
 
 ACTIVATIONS = {"relu": torch.nn.ReLU, "tanh": torch.nn.Tanh}
@@ -55,6 +56,13 @@ class GraduateAdmissions(Problem):
     name = "graduate_admissions"
     budget_unit = "epoch"
     Config = GraduateAdmissionsConfig
+    datasets = (GRADUATE_ADMISSIONS,)
+
+    @classmethod
+    def input_identity(cls, cfg: GraduateAdmissionsConfig, data_root: Path) -> dict[str, str]:
+        # The checksum of the parsed values: line endings or header spacing cannot change
+        # the results, any edited value can.
+        return {f"data.{GRADUATE_ADMISSIONS.name}.sha256": load_table(data_root, GRADUATE_ADMISSIONS).checksum}
 
     def __init__(self, cfg: GraduateAdmissionsConfig, *, data_root: Path, seed: int, device: torch.device):
         super().__init__(cfg, data_root=data_root, seed=seed, device=device)

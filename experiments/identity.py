@@ -1,0 +1,56 @@
+"""Run identity: which config keys define an experiment, its digest, and its directory.
+
+``config_id`` is a digest of the resolved config minus where-and-how keys (seed, paths,
+progress bar, threads) and minus the settings of methods the run does not use, plus the
+checksums of its input data. Rerunning the same command on the same data finds the same
+directory; any change that can change the numbers gives a new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+#: Keys that say where or how a run is stored or shown, not what it computes; they are left
+#: out of the run's identity, so changing them does not make it a different experiment.
+NON_IDENTITY_KEYS = ("seed", "data.root", "output.", "train.progress", "train.threads")
+
+
+def run_identity(resolved: dict[str, Any], data: dict[str, str]) -> dict[str, Any]:
+    """The flattened config minus :data:`NON_IDENTITY_KEYS` and the unused methods'
+    sections, plus ``data`` (e.g. ``{"data.graduate_admissions.sha256": "..."}``)."""
+    method = resolved["method"]["name"]
+    flat = flatten(resolved)
+    identity = {
+        key: value
+        for key, value in flat.items()
+        if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in NON_IDENTITY_KEYS)
+        and (not key.startswith("method.") or key == "method.name" or key.startswith(f"method.{method}."))
+    }
+    return {**identity, **data}
+
+
+def config_digest(identity: dict[str, Any]) -> str:
+    blob = json.dumps(identity, sort_keys=True, default=str).encode()
+    return hashlib.sha1(blob).hexdigest()[:8]
+
+
+def run_path(output_root: str | Path, experiment: str, name: str, variant: str, config_id: str, seed: int) -> Path:
+    """``<output.root>/<experiment>/<output.name>/<variant>-<config_id>/seed=<seed>``."""
+    return Path(output_root) / experiment / name / f"{variant}-{config_id}" / f"seed={seed}"
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists are kept as values."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name))
+        else:
+            flat[name] = value
+    return flat

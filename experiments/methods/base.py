@@ -1,0 +1,85 @@
+"""The interface every optimisation method implements (see docs/architecture.md).
+
+A method is one module plus one config file (``configs/method/<choice>.yaml``). It owns its
+settings (the ``method.<name>`` config section), its label and place in legends, how it
+wraps the base optimizer, what closure its ``step`` needs and the counters it reports. The
+training loop, the run directory, aggregation and figures know only this interface.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, ClassVar, Mapping
+
+from experiments.errors import ConfigError, unknown_key
+
+#: What a method's ``step`` is given. "none": nothing (``optimizer.step()``); "loss": a
+#: closure that only computes the batch's loss, called under ``torch.no_grad()``.
+CLOSURE_KINDS = ("none", "loss")
+
+
+class Method(abc.ABC):
+    name: ClassVar[str]  # registry name, the value of ``method.name``
+    closure: ClassVar[str] = "none"  # one of CLOSURE_KINDS
+    counters: ClassVar[tuple[str, ...]] = ()  # cumulative counters, one metrics.csv column each
+    Settings: ClassVar[type | None] = None  # dataclass of ``method.<name>``, for the default from_config
+
+    def __init__(self, settings: Any):
+        self.settings = settings
+
+    @classmethod
+    def config_node(cls) -> type | None:
+        """A dataclass of every setting with its default, composed into ``method.<name>`` so
+        that each can be overridden without Hydra's ``+`` (None: the method has none)."""
+        return cls.Settings
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any], prefix: str) -> "Method":
+        """The method built from its config section; raise :class:`ConfigError` naming the key
+        (``prefix`` + field, e.g. ``method.aadl.history``). The default fills ``Settings``,
+        whose ``__post_init__`` may check ranges with ``experiments.errors.require``."""
+        if cls.Settings is None:
+            if section:
+                raise unknown_key(f"{prefix}{next(iter(section))}", ())
+            return cls(None)
+        known = [f.name for f in dataclasses.fields(cls.Settings)]
+        for key in section:
+            if key not in known:
+                raise unknown_key(f"{prefix}{key}", known)
+        try:
+            return cls(cls.Settings(**section))
+        except ConfigError as error:
+            if error.key.startswith(prefix):
+                raise
+            raise ConfigError(f"{prefix}{error.key}", error.detail) from None
+
+    def settings_dict(self) -> dict[str, Any]:
+        """The resolved settings (defaults filled in), as written to config.yaml."""
+        return {} if self.settings is None else dataclasses.asdict(self.settings)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """Constant metrics.csv columns that say how this run was optimised."""
+        return self.settings_dict()
+
+    @property
+    def baseline(self) -> bool:
+        """Whether this is the base optimizer alone: the reference of every comparison."""
+        return False
+
+    @property
+    @abc.abstractmethod
+    def legend_order(self) -> int:
+        """Position in legends and tables (0: the base optimizer alone)."""
+
+    @abc.abstractmethod
+    def label(self, base_label: str) -> str:
+        """The variant's name in results and legends, e.g. "Adam+AADL" for base "Adam"."""
+
+    @abc.abstractmethod
+    def wrap(self, base: Any, model: Any) -> Any:
+        """The optimizer the training loop steps: ``base`` itself or a wrapper around it."""
+
+    def counter_values(self, optimizer: Any) -> dict[str, int]:
+        """The current value of each of :attr:`counters`."""
+        return {}

@@ -1,0 +1,79 @@
+"""The base optimizers a run can use: their table, validation and construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from experiments.errors import require
+from experiments.schema import OptimizerConfig
+
+
+@dataclass(frozen=True)
+class BaseOptimizerSpec:
+    label: str  # the variant's name in results and legends
+    torch_class: str  # attribute of torch.optim
+    options: tuple[str, ...]  # OptimizerConfig fields passed to the torch class
+
+
+BASE_OPTIMIZERS: dict[str, BaseOptimizerSpec] = {
+    "adam": BaseOptimizerSpec(
+        "Adam", "Adam", ("lr", "betas", "eps", "weight_decay", "foreach", "fused")
+    ),
+    "sgd": BaseOptimizerSpec(
+        "SGD", "SGD", ("lr", "momentum", "nesterov", "weight_decay", "foreach", "fused")
+    ),
+}
+
+
+def validate_optimizer(opt: OptimizerConfig) -> None:
+    """Raise ConfigError for a value out of range or an option ``name`` would ignore."""
+    require(opt.name in BASE_OPTIMIZERS, "optimizer.name", f"must be one of {sorted(BASE_OPTIMIZERS)}", opt.name)
+    finite = math.isfinite
+    require(finite(opt.lr) and opt.lr > 0, "optimizer.lr", "must be a finite number > 0", opt.lr)
+    require(
+        finite(opt.weight_decay) and opt.weight_decay >= 0,
+        "optimizer.weight_decay",
+        "must be a finite number >= 0",
+        opt.weight_decay,
+    )
+    require(finite(opt.eps) and opt.eps > 0, "optimizer.eps", "must be a finite number > 0", opt.eps)
+    require(
+        finite(opt.momentum) and opt.momentum >= 0, "optimizer.momentum", "must be a finite number >= 0", opt.momentum
+    )
+    require(
+        len(opt.betas) == 2 and all(0 <= b < 1 for b in opt.betas),
+        "optimizer.betas",
+        "must be two numbers in [0, 1)",
+        opt.betas,
+    )
+    require(
+        not opt.nesterov or opt.momentum > 0,
+        "optimizer.nesterov",
+        "needs optimizer.momentum > 0",
+        opt.nesterov,
+    )
+    # An option the chosen optimizer ignores would silently not do what the user asked.
+    applicable = BASE_OPTIMIZERS[opt.name].options
+    for f in dataclasses.fields(OptimizerConfig):
+        if f.name in applicable or f.name == "name":
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        require(
+            getattr(opt, f.name) == default,
+            f"optimizer.{f.name}",
+            f"does not apply to optimizer.name={opt.name}; leave it at {default!r}",
+            getattr(opt, f.name),
+        )
+
+
+def build_base_optimizer(params: Iterable[Any], cfg: OptimizerConfig) -> Any:
+    import torch
+
+    spec = BASE_OPTIMIZERS[cfg.name]
+    options: dict[str, Any] = {name: getattr(cfg, name) for name in spec.options}
+    if "betas" in options:
+        options["betas"] = tuple(options["betas"])
+    return getattr(torch.optim, spec.torch_class)(params, **options)
