@@ -45,8 +45,15 @@ def require(ok: bool, key: str, message: str, value: Any) -> None:
 
 
 def did_you_mean(name: str, known: Iterable[str]) -> str:
-    """" (did you mean 'x'?)" for the closest of ``known`` to ``name``, else ""."""
-    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    """" (did you mean 'x'?)" for the closest of ``known`` to ``name``, else "": among the
+    keys of the same section first (by their last part), then among all."""
+    known = list(known)
+    parent, _, leaf = name.rpartition(".")
+    siblings = {k.rpartition(".")[2]: k for k in known if k.rpartition(".")[0] == parent}
+    close = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {siblings[close[0]]!r}?)"
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 

@@ -59,6 +59,7 @@ def validate(cfg: DictConfig) -> ValidatedRun:
     # not by the typed nodes composition used for them.
     plain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     plain.pop("hydra", None)
+    _reject_unknown_sections(plain)
     try:
         run: RunConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), plain))
     except OmegaConfBaseException as error:
@@ -128,6 +129,22 @@ def _reject_unread_keys(cfg: DictConfig, resolved: dict[str, Any]) -> None:
     for key in flatten(given):
         if key not in known and not any(k.startswith(f"{key}.") for k in known):
             raise unknown_key(key, known)
+
+
+#: Sections renamed since an earlier release: the message says what to write instead.
+RENAMED = {"accel": "the accel group is now method: method=aadl (or aadl_ma, none) and method.aadl.<setting>=..."}
+
+
+def _reject_unknown_sections(plain: DictConfig) -> None:
+    sections = {f.name for f in dataclasses.fields(RunConfig)}
+    for section in plain:
+        if section not in sections:
+            given = flatten(OmegaConf.to_container(plain, resolve=False))
+            key = next(k for k in given if k == section or k.startswith(f"{section}."))
+            error = unknown_key(key, [k for k in given if not k.startswith(f"{section}.")])
+            if section in RENAMED:
+                raise ConfigError(key, f"{error.detail}; {RENAMED[section]}")
+            raise error
 
 
 def _config_error(error: OmegaConfBaseException, prefix: str = "") -> ConfigError:

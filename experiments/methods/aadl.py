@@ -46,7 +46,7 @@ class AADL(Method):
 
         for key in section:
             if key not in SETTING_NAMES:
-                raise unknown_key(f"{prefix}{key}", SETTING_NAMES)
+                raise unknown_key(f"{prefix}{key}", [f"{prefix}{name}" for name in SETTING_NAMES])
         try:
             return cls(validate_settings(**section))
         except ValueError as error:

@@ -46,7 +46,7 @@ class Method(abc.ABC):
         known = [f.name for f in dataclasses.fields(cls.Settings)]
         for key in section:
             if key not in known:
-                raise unknown_key(f"{prefix}{key}", known)
+                raise unknown_key(f"{prefix}{key}", [f"{prefix}{name}" for name in known])
         try:
             return cls(cls.Settings(**section))
         except ConfigError as error:
