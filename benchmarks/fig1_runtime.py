@@ -22,11 +22,12 @@ from pathlib import Path
 
 from experiments.analysis import figures
 from experiments.analysis.aggregate import find_runs
+from experiments.schema import DEFAULT_OUTPUT_ROOT
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output-root", type=Path, default=Path("results/runs"), help="output.root for the runs (default: results/runs)")
+    parser.add_argument("--output-root", type=Path, default=Path(DEFAULT_OUTPUT_ROOT), help=f"output.root for the runs (default: {DEFAULT_OUTPUT_ROOT})")
     parser.add_argument("--figures", type=Path, default=Path("results/figures"), help="where the figure and log go (default: results/figures)")
     parser.add_argument("--jobs", type=int, help="parallel processes (default: one per core)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, after --")

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from experiments.config import compose, preset_sweep
-from experiments import problems
+from experiments.compose import compose, preset_sweep
+from experiments.problems import PROBLEMS
 from experiments.problems.burgers.problem import Burgers2D, Burgers100D, BurgersProblem
 
 
@@ -43,15 +43,15 @@ class Preset:
     def load(cls, name: str) -> Preset:
         cfg = compose(f"+paper={name}")
         sweep = preset_sweep(name)
-        accelerated = sum(variant != "none" for variant in sweep["accel"])
+        accelerated = sum(variant != "none" for variant in sweep["method"])
         return cls(
             name=name,
-            problem=problems.problem_class(cfg.experiment),
+            problem=PROBLEMS.get(cfg.experiment),
             budget=cfg.train.iterations,
-            frequency=cfg.accel.frequency,
+            frequency=cfg.method.aadl.frequency,
             seeds=len(sweep["seed"]),
             accelerated=accelerated,
-            plain=len(sweep["accel"]) - accelerated,
+            plain=len(sweep["method"]) - accelerated,
         )
 
     @property
