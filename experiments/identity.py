@@ -15,7 +15,7 @@ from typing import Any
 
 #: Keys that say where or how a run is stored or shown, not what it computes; they are left
 #: out of the run's identity, so changing them does not make it a different experiment.
-NON_IDENTITY_KEYS = ("seed", "data.root", "output.", "train.progress", "train.threads")
+NON_IDENTITY_KEYS = ("seed", "data.root", "output.", "checkpoint.", "train.progress", "train.threads")
 
 
 def run_identity(resolved: dict[str, Any], data: dict[str, str]) -> dict[str, Any]:

@@ -8,6 +8,8 @@ One directory per run (one config, one seed)::
                       dirty flag, host, versions, device, start/end time, problem notes
         metrics.csv   one row per evaluation (columns: see MetricsWriter)
         run.log       the run's log
+        checkpoints/  while it runs: the newest checkpoints (experiments/checkpoint.py)
+        model.pt      the final model's state_dict, written when it finishes
         COMPLETE      written last, by an atomic rename: the outcome ("complete" or
                       "diverged"), the number of metrics rows and the last step, so a
                       reader can check the metrics against it
@@ -45,6 +47,8 @@ METRICS_FILE = "metrics.csv"
 LOG_FILE = "run.log"
 COMPLETE_FILE = "COMPLETE"
 LOCK_FILE = ".lock"
+#: The trained model's state_dict, written when the run finishes.
+FINAL_MODEL_FILE = "model.pt"
 #: The sibling an overwrite trains into (``seed=3`` -> ``seed=3.overwrite``).
 OVERWRITE_SUFFIX = ".overwrite"
 
@@ -142,7 +146,7 @@ class RunDirectory:
 
     def start(self, config_yaml: str, meta: dict[str, Any]) -> None:
         """Empty the directory of a previous, unfinished attempt and record what is about to run."""
-        for name in (COMPLETE_FILE, METRICS_FILE, LOG_FILE, META_FILE, CONFIG_FILE):
+        for name in (COMPLETE_FILE, METRICS_FILE, LOG_FILE, META_FILE, CONFIG_FILE, FINAL_MODEL_FILE):
             self.file(name).unlink(missing_ok=True)
         self.path.mkdir(parents=True, exist_ok=True)
         self.file(CONFIG_FILE).write_text(config_yaml)

@@ -12,7 +12,10 @@ the requested device, the method's memory), then writes a self-describing run di
 (experiments/results.py). A multirun validates every job before the first one starts; its
 jobs go to the configured launcher (``hydra/launcher=local``: one process per core, each
 with one torch thread and no progress bar). SIGTERM or SIGINT stops a run between two
-steps and records it as interrupted; stopping a sweep stops its workers too.
+steps, saves a checkpoint, records the run as preempted and exits with status 75
+(PREEMPTED_EXIT, for batch scripts to requeue on); rerunning the same command resumes it
+from its newest checkpoint (``checkpoint.every`` adds periodic ones, which a kill -9 needs).
+Stopping a sweep stops its workers too.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,6 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 from experiments.compose import CONFIG_DIR, CONFIG_NAME, expand_sweep, sweep_overrides
 from experiments.errors import ConfigError, DatasetError, HarnessError, RunError
 from experiments.results import (
+    FINAL_MODEL_FILE,
     METRICS_FILE,
     MetricsWriter,
     RunDirectory,
@@ -62,8 +67,10 @@ for _logger in (log, progress_log):
 LOG_LINES = 10
 #: A run does not start with less free space than this where it writes.
 MIN_FREE_BYTES = 64 * 2**20
-#: The signals that stop a run between two steps.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: The signals that stop a run between two steps (SIGUSR1: Slurm's --signal, LSF's -wa).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+#: The exit status of a run stopped by a signal after saving its checkpoint (EX_TEMPFAIL).
+PREEMPTED_EXIT = 75
 
 
 def interactive_terminal() -> bool:
@@ -78,15 +85,17 @@ class RunOutcome:
     status: str
 
 
-class RunInterrupted(HarnessError):
-    """A run stopped by a signal; it is recorded as interrupted and reruns from the start."""
+class RunPreempted(HarnessError):
+    """A run stopped by a signal after saving a checkpoint; rerunning resumes it."""
 
-    def __init__(self, path: str, signal_name: str):
-        self.path, self.signal_name = path, signal_name
-        super().__init__(f"interrupted by {signal_name}: {path} (rerun the same command to train it again)")
+    def __init__(self, path: str, signal_name: str, step: int):
+        self.path, self.signal_name, self.step = path, signal_name, step
+        super().__init__(
+            f"preempted by {signal_name}: {path} (checkpoint at step {step}; rerun the same command to resume)"
+        )
 
     def __reduce__(self):
-        return (type(self), (self.path, self.signal_name))
+        return (type(self), (self.path, self.signal_name, self.step))
 
 
 def execute(cfg: DictConfig, *, worker: bool = False) -> RunOutcome:
@@ -94,10 +103,11 @@ def execute(cfg: DictConfig, *, worker: bool = False) -> RunOutcome:
 
     ``worker`` marks a multirun job: one torch thread (the launcher runs one job per core)
     and no progress bar. Raises ConfigError, DatasetError or RunError before anything is
-    written, and RunInterrupted when a signal stopped the run.
+    written, and RunPreempted when a signal stopped the run (after its checkpoint).
     """
     import torch
 
+    from experiments import checkpoint
     from experiments.training import build_state, resolve_device
 
     run = validate(cfg)
@@ -133,10 +143,17 @@ def execute(cfg: DictConfig, *, worker: bool = False) -> RunOutcome:
             return RunOutcome(target.path, "busy")
         if target is final and final.is_complete():  # finished meanwhile
             return RunOutcome(final.path, "skipped")
-        outcome = _train_into(target, run, problem, state, progress=progress, worker=worker, device=str(device))
+        saved = checkpoint.list_checkpoints(target.path)
+        resume = checkpoint.load(saved[-1], expected=checkpoint_identity(run)) if saved else None
+        outcome = _train_into(target, run, problem, state, resume=resume, progress=progress, worker=worker, device=str(device))
     if target is not final:
         target.replace(final)
     return RunOutcome(final.path, outcome)
+
+
+def checkpoint_identity(run: ValidatedRun) -> dict[str, Any]:
+    """What a checkpoint must have been made for to be resumed by ``run``."""
+    return {"config_id": run.config_id, "seed": run.config.seed, "world_size": 1, "rank": 0}
 
 
 def check_output(root: Path) -> None:
@@ -203,21 +220,27 @@ def stop_on_signals() -> Iterator[Any]:
 
 
 def _train_into(
-    directory: RunDirectory, run: ValidatedRun, problem: Any, state: Any, *, progress: bool, worker: bool, device: str
+    directory: RunDirectory, run: ValidatedRun, problem: Any, state: Any, *, resume: Optional[dict[str, Any]],
+    progress: bool, worker: bool, device: str,
 ) -> str:
-    """Write the run directory: config and metadata, metrics while training, then COMPLETE.
-    Returns "completed" or "diverged"."""
+    """Write the run directory: config and metadata, metrics while training (with
+    checkpoints), then COMPLETE. ``resume`` is the checkpoint to continue from. Returns
+    "completed" or "diverged"."""
+    import torch
+
+    from experiments import checkpoint
     from experiments.training import TrainingStopped, train
 
-    meta = run_metadata(run, device)
-    meta["notes"] = problem.notes()
+    cfg = run.config
     log_every = max(1, run.budget // LOG_LINES)
     unit = problem.budget_unit
-    seed = run.config.seed
+    seed = cfg.seed
     counters = run.method.counters
+    rows: list[dict[str, Any]] = []
 
     def record(row: dict[str, Any]) -> None:
         writer.write(row)
+        rows.append(row)
         done = row["epoch"] if row["epoch"] is not None else row["step"]
         if done % log_every == 0 or done == run.budget:
             counted = "".join(f"  {name} {row[name]}" for name in counters)
@@ -226,28 +249,55 @@ def _train_into(
                 unit, done, run.budget, row["train_loss"], row["val_loss"], row["lr"], counted, row["wall_time"],
             )
 
+    def save_checkpoint() -> None:
+        payload = {**checkpoint_identity(run), "state": state.state_dict(problem), "rng": checkpoint.capture_rng(), "rows": list(rows)}
+        checkpoint.save(checkpoint.checkpoint_path(directory.path, state.step), payload)
+        checkpoint.prune(directory.path, cfg.checkpoint.keep)
+
+    if resume is None:
+        meta = run_metadata(run, device)
+        meta["notes"] = problem.notes()
+    else:
+        meta = {**directory.read_meta(), "status": "running"}
+        meta.setdefault("resumed", []).append({"step": resume["state"]["step"], "at": now(), "host": socket.gethostname()})
     progress_log.propagate = not worker
     try:
-        directory.start(OmegaConf.to_yaml(OmegaConf.create(run.resolved)), meta)
+        if resume is None:
+            directory.start(OmegaConf.to_yaml(OmegaConf.create(run.resolved)), meta)
+        else:
+            directory.write_meta(meta)
         with directory.log_to_file(log, progress_log), MetricsWriter(
             directory.file(METRICS_FILE), constant_columns(run), counters
         ) as writer:
-            log.info("run %s seed %d -> %s", run.variant, seed, directory.path)
-            for note in meta["notes"]:
-                log.info(note)
+            if resume is None:
+                log.info("run %s seed %d -> %s", run.variant, seed, directory.path)
+                for note in meta["notes"]:
+                    log.info(note)
+            else:
+                state.load_state_dict(resume["state"], problem)
+                for row in resume["rows"]:  # the metrics as they stood at the checkpoint
+                    writer.write(row)
+                    rows.append(row)
+                checkpoint.restore_rng(resume["rng"])
+                log.info("resumed %s seed %d at step %d from its checkpoint -> %s", run.variant, seed, state.step, directory.path)
             try:
                 with stop_on_signals() as should_stop:
-                    result = train(problem, run, state, on_evaluation=record, progress=progress, should_stop=should_stop)
+                    result = train(
+                        problem, run, state, on_evaluation=record, progress=progress, should_stop=should_stop,
+                        save_checkpoint=save_checkpoint, checkpoint_every=cfg.checkpoint.every,
+                    )
             except TrainingStopped as stopped:
-                _record_end(directory, meta, "interrupted", signal=stopped.reason)
-                log.warning("interrupted by %s after %d steps: %s", stopped.reason, state.step, directory.path)
-                raise RunInterrupted(str(directory.path), stopped.reason) from None
+                _record_end(directory, meta, "preempted", signal=stopped.reason)
+                log.warning("preempted by %s at step %d: %s", stopped.reason, state.step, directory.path)
+                raise RunPreempted(str(directory.path), stopped.reason, state.step) from None
             except BaseException as error:  # say why the run is incomplete
                 _record_end(directory, meta, "failed", error=repr(error))
                 raise
         outcome = "diverged" if result.diverged else "complete"
+        _write_atomically_torch(directory.file(FINAL_MODEL_FILE), state.model.state_dict(), torch)
         _record_end(directory, meta, outcome, final=result.last_row, diverged=result.diverged)
         directory.mark_finished(outcome, writer.rows, writer.last_step)
+        shutil.rmtree(directory.path / checkpoint.DIRECTORY, ignore_errors=True)
     except OSError as error:
         if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
             raise RunError(f"cannot write the run directory {directory.path}: {error.strerror}; it is left incomplete") from None
@@ -261,6 +311,12 @@ def _train_into(
         return "diverged"
     log.info("done %s seed %d: val_loss %.4e after %.1fs", run.variant, seed, result.last_row["val_loss"], result.last_row["wall_time"])
     return "completed"
+
+
+def _write_atomically_torch(path: Path, payload: Any, torch: Any) -> None:
+    temp = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, temp)
+    os.replace(temp, path)
 
 
 def _record_end(directory: RunDirectory, meta: dict[str, Any], status: str, **fields: Any) -> None:
@@ -300,7 +356,7 @@ class ValidateSweep(Callback):
 
 def _stop_workers_with_parent() -> None:
     """SIGTERM/SIGINT to the sweep's process: pass SIGTERM to every worker (each records
-    its run as interrupted and says so in one line), wait for them, then exit."""
+    its run as preempted and says so in one line), wait for them, then exit."""
     import psutil
 
     def handler(signum: int, frame: Any) -> None:
@@ -311,7 +367,9 @@ def _stop_workers_with_parent() -> None:
                 child.send_signal(signal.SIGTERM)
             except psutil.Error:
                 pass
-        psutil.wait_procs(children, timeout=60)
+        # Resource trackers ignore SIGTERM and end with the parent: wait for the workers.
+        workers = [child for child in children if "resource_tracker" not in " ".join(_cmdline(child))]
+        psutil.wait_procs(workers, timeout=60)
         print(f"sweep stopped by {name}: its workers were stopped; rerun the same command to finish it", file=sys.stderr)
         os._exit(128 + signum)
 
@@ -319,16 +377,25 @@ def _stop_workers_with_parent() -> None:
         signal.signal(sig, handler)
 
 
+def _cmdline(process: Any) -> list[str]:
+    import psutil
+
+    try:
+        return process.cmdline()
+    except psutil.Error:
+        return []
+
+
 @hydra.main(config_path=str(CONFIG_DIR), config_name=CONFIG_NAME, version_base="1.3")
 def main(cfg: DictConfig) -> None:
     worker = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         execute(cfg, worker=worker)
-    except RunInterrupted as stopped:
+    except RunPreempted as stopped:
         print(f"{stopped}", file=sys.stderr, flush=True)
         if worker:
-            os._exit(130)  # a pool worker would otherwise outlive its sweep
-        sys.exit(130)
+            os._exit(PREEMPTED_EXIT)  # a pool worker would otherwise outlive its sweep
+        sys.exit(PREEMPTED_EXIT)
     except HarnessError as error:
         if worker:
             raise  # the launcher reports the failed job with its overrides

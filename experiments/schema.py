@@ -78,6 +78,15 @@ class DataConfig:
     root: str = "${oc.env:AADL_DATA_ROOT,data}"
 
 
+@dataclass
+class CheckpointConfig:
+    """When a run saves its whole state (experiments/checkpoint.py). A signal (SIGTERM,
+    SIGUSR1, SIGINT) always saves one; rerunning the same command resumes from the newest."""
+
+    every: Optional[int] = None  # budget units between checkpoints; null: only on a signal
+    keep: int = 2  # newest checkpoints kept while the run goes on (all deleted once it is finished)
+
+
 #: Where runs go unless ``output.root`` says otherwise (relative to the working directory).
 DEFAULT_OUTPUT_ROOT = "results/runs"
 
@@ -100,6 +109,7 @@ class RunConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
 

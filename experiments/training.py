@@ -58,6 +58,10 @@ class TrainingState:
     optimizer: torch.optim.Optimizer
     unit: int = 0  # budget units completed
     step: int = 0  # optimizer steps taken
+    batch_in_unit: int = 0  # batches of unit ``unit + 1`` already taken
+    # The problem's data-order state before unit ``unit + 1`` drew its batches: a run
+    # resumed inside a unit draws them again and skips those already taken.
+    unit_data_state: Optional[dict[str, Any]] = None
     # Sum and count of the minibatch losses since the last evaluation, kept on the device
     # so that a step needs no host synchronisation.
     loss_sum: Optional[torch.Tensor] = None
@@ -90,6 +94,34 @@ class TrainingState:
 
     def wall_time(self) -> float:
         return self.elapsed + time.perf_counter() - self.started
+
+    def state_dict(self, problem: Problem) -> dict[str, Any]:
+        """What a checkpoint holds of the loop (the RNGs and metrics are the caller's)."""
+        if self.batch_in_unit == 0:  # between units: the next unit starts from the state now
+            self.unit_data_state = problem.state_dict()
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "unit": self.unit,
+            "step": self.step,
+            "batch_in_unit": self.batch_in_unit,
+            "unit_data_state": self.unit_data_state,
+            "loss_sum": self.loss_sum.detach().cpu(),
+            "loss_count": self.loss_count,
+            "first_nonfinite_step": self.first_nonfinite_step.cpu(),
+            "elapsed": self.wall_time(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], problem: Problem) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.unit, self.step, self.batch_in_unit = state["unit"], state["step"], state["batch_in_unit"]
+        self.unit_data_state = state["unit_data_state"]
+        problem.load_state_dict(self.unit_data_state)
+        self.loss_sum.copy_(state["loss_sum"])
+        self.loss_count = state["loss_count"]
+        self.first_nonfinite_step.copy_(state["first_nonfinite_step"])
+        self.elapsed, self.started = state["elapsed"], time.perf_counter()
 
     def divergence(self) -> Optional[dict[str, Any]]:
         """Where the run first went non-finite: a training loss, or else the parameters."""
@@ -138,6 +170,8 @@ def train(
     on_evaluation: Callable[[dict[str, Any]], None],
     progress: bool = False,
     should_stop: Callable[[], Optional[str]] = lambda: None,
+    save_checkpoint: Callable[[], None] = lambda: None,
+    checkpoint_every: Optional[int] = None,
 ) -> TrainingOutcome:
     """Train one seed from ``state``; call ``on_evaluation(row)`` before the first step,
     every ``train.eval_every`` budget units and after the last one.
@@ -150,6 +184,11 @@ def train(
     A non-finite training loss, parameter or validation loss is divergence: with
     ``train.stop_on_divergence`` the run stops at once (after an evaluation row), otherwise
     it goes on; either way the outcome records where it first happened.
+
+    ``save_checkpoint`` is called every ``checkpoint_every`` units (after the evaluation)
+    and, when ``should_stop`` reports a signal, between two steps before TrainingStopped is
+    raised. A ``state`` restored from a checkpoint continues where it was saved, inside a
+    unit too.
     """
     cfg = run.config
     method = run.method
@@ -189,15 +228,22 @@ def train(
 
     stopping = cfg.train.stop_on_divergence
     with bar:
-        if state.unit == 0:
+        if state.unit == 0 and state.batch_in_unit == 0:
             evaluate(scheduled_lr(0, cfg.optimizer.lr, cfg.schedule))
         while state.unit < run.budget and not (stopping and diverged):
             unit = state.unit + 1
             lr = scheduled_lr(unit - 1, cfg.optimizer.lr, cfg.schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            skip = state.batch_in_unit  # batches a resumed run took before its checkpoint
+            if skip:
+                problem.load_state_dict(state.unit_data_state)
+            else:
+                state.unit_data_state = problem.state_dict()
             nonfinite = False  # a non-finite loss seen at a periodic check
-            for batch in problem.batches(unit):
+            for index, batch in enumerate(problem.batches(unit)):
+                if index < skip:
+                    continue
                 loss = problem.loss(model, batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -205,14 +251,18 @@ def train(
                 optimizer.step(closure) if closure is not None else optimizer.step()
                 state.record_loss(loss)
                 state.step += 1
+                state.batch_in_unit = index + 1
                 reason = should_stop()
                 if reason is not None:
+                    save_checkpoint()
                     raise TrainingStopped(reason)
                 if stopping and state.step % DIVERGENCE_CHECK_STEPS == 0 and int(state.first_nonfinite_step) >= 0:
                     nonfinite = True
                     break
-            state.unit = unit
+            state.unit, state.batch_in_unit = unit, 0
             if unit % cfg.train.eval_every == 0 or unit == run.budget or nonfinite:
                 evaluate(lr)
             bar.update(1)
+            if checkpoint_every and unit % checkpoint_every == 0 and unit < run.budget:
+                save_checkpoint()
     return TrainingOutcome(last_row, diverged)

@@ -74,6 +74,8 @@ def validate(cfg: DictConfig) -> ValidatedRun:
     _validate_train(run.train, problem_cls)
     validate_optimizer(run.optimizer)
     _validate_schedule(run.schedule)
+    require(run.checkpoint.every is None or run.checkpoint.every >= 1, "checkpoint.every", "must be null or an integer >= 1", run.checkpoint.every)
+    require(run.checkpoint.keep >= 1, "checkpoint.keep", "must be an integer >= 1", run.checkpoint.keep)
 
     resolved = dataclasses.asdict(run)
     resolved["problem"] = dataclasses.asdict(problem_config)

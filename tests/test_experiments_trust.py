@@ -20,7 +20,7 @@ from conftest import REPO_ROOT
 from experiments.errors import ConfigError, DatasetError, RunError
 from experiments.problems.graduate_admissions.problem import GraduateAdmissions
 from experiments.results import COMPLETE_FILE, MetricsWriter, RunDirectory
-from experiments.run import RunInterrupted, execute
+from experiments.run import PREEMPTED_EXIT, RunPreempted, execute
 from experiments.validation import validate
 
 
@@ -157,7 +157,7 @@ def test_an_interrupted_overwrite_keeps_the_previous_complete_run(run_in, monkey
 @pytest.mark.parametrize(
     "error",
     [ConfigError("method.aadl.history", "must be >= 1"), DatasetError("missing file"), RunError("no GPU"),
-     RunInterrupted("/runs/x", "SIGTERM")],
+     RunPreempted("/runs/x", "SIGTERM", 12)],
 )
 def test_harness_errors_survive_pickling_with_their_message(error):
     copy = pickle.loads(pickle.dumps(error))
@@ -257,19 +257,20 @@ def _wait_for_rows(root, count: int, timeout: float = 60) -> None:
     raise AssertionError(f"no {count} run(s) started under {root}")
 
 
-def test_sigterm_stops_a_single_run_between_steps_and_records_it_interrupted(data_root, tmp_path):
+def test_sigterm_stops_a_single_run_between_steps_and_records_it_preempted(data_root, tmp_path):
     command = [sys.executable, "-m", "experiments.run", "train.epochs=100000", "method=aadl", f"output.root={tmp_path / 'runs'}", f"hydra.run.dir={tmp_path / 'h'}"]
     process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_rows(tmp_path / "runs", 1)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130
+    assert process.returncode == PREEMPTED_EXIT
     run = next((tmp_path / "runs").rglob("seed=0"))
-    assert json.loads((run / "meta.json").read_text())["status"] == "interrupted"
-    assert f"interrupted by SIGTERM: {run}" in stderr and "Traceback" not in stderr
+    assert json.loads((run / "meta.json").read_text())["status"] == "preempted"
+    assert f"preempted by SIGTERM: {run}" in stderr and "Traceback" not in stderr
+    assert list((run / "checkpoints").glob("step-*.pt"))
 
 
-def test_sigterm_to_a_sweep_stops_its_workers_and_marks_their_runs_interrupted(data_root, tmp_path):
+def test_sigterm_to_a_sweep_stops_its_workers_and_marks_their_runs_preempted(data_root, tmp_path):
     import psutil
 
     command = [
@@ -287,6 +288,6 @@ def test_sigterm_to_a_sweep_stops_its_workers_and_marks_their_runs_interrupted(d
     runs = sorted((tmp_path / "runs").rglob("seed=*"))
     assert len(runs) == 2
     for run in runs:
-        assert json.loads((run / "meta.json").read_text())["status"] == "interrupted"
-        assert f"interrupted by SIGTERM: {run}" in stderr
+        assert json.loads((run / "meta.json").read_text())["status"] == "preempted"
+        assert f"preempted by SIGTERM: {run}" in stderr
     assert "sweep stopped by SIGTERM" in stderr and "Traceback" not in stderr

@@ -54,6 +54,14 @@ class Problem(abc.ABC):
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         """Validation metrics; always contains "val_loss"."""
 
+    def state_dict(self) -> dict[str, Any]:
+        """The data-order state that ``batches`` advances (e.g. a shuffling generator), for
+        checkpoints; tensors and plain values only. Stateless problems keep the default."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
     def notes(self) -> list[str]:
         """Lines written to the run's log and metadata (e.g. the ReLU caveat)."""
         return []

@@ -98,6 +98,12 @@ class GraduateAdmissions(Problem):
             rows = order[start : start + self.cfg.batch_size]
             yield self.x_train[rows], self.y_train[rows]
 
+    def state_dict(self) -> dict:
+        return {"shuffle": self._shuffle.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._shuffle.set_state(state["shuffle"])
+
     def loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         features, target = batch
         return torch.nn.functional.mse_loss(model(features).squeeze(-1), target)
