@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from experiments.optimizers import build_base_optimizer
+from experiments.parallel import DataParallel
 from experiments.problems.base import Problem
 from experiments.schema import ScheduleConfig
 
@@ -172,6 +173,7 @@ def train(
     should_stop: Callable[[], Optional[str]] = lambda: None,
     save_checkpoint: Callable[[], None] = lambda: None,
     checkpoint_every: Optional[int] = None,
+    parallel: DataParallel = DataParallel(),
 ) -> TrainingOutcome:
     """Train one seed from ``state``; call ``on_evaluation(row)`` before the first step,
     every ``train.eval_every`` budget units and after the last one.
@@ -193,6 +195,13 @@ def train(
     cfg = run.config
     method = run.method
     model, optimizer = state.model, state.optimizer
+    net = parallel.wrap(model, problem)  # what the loss is computed with (DDP or the model)
+    device = state.loss_sum.device
+
+    def agreed_first_nonfinite() -> int:
+        first = parallel.max_int(int(state.first_nonfinite_step), device)
+        state.first_nonfinite_step.fill_(first)
+        return first
     epoch_budget = problem.budget_unit == "epoch"
     diverged: Optional[dict[str, Any]] = None
     last_row: dict[str, Any] = {}
@@ -201,8 +210,10 @@ def train(
     def evaluate(lr: float) -> None:
         nonlocal last_row, diverged
         model.eval()
-        metrics = problem.evaluate(model)
+        metrics = problem.evaluate(model)  # every rank: the whole validation set, same weights
         model.train()
+        parallel.mean_(state.loss_sum)
+        agreed_first_nonfinite()
         last_row = {
             "step": state.step,
             "epoch": state.unit if epoch_budget else None,
@@ -223,7 +234,7 @@ def train(
         if method.closure == "loss":
             # The safeguard compares losses at candidate points: loss only, no backward
             # (the wrapper calls it under torch.no_grad()).
-            return lambda: problem.loss(model, batch)
+            return lambda: problem.loss(net, batch)
         return None
 
     stopping = cfg.train.stop_on_divergence
@@ -244,19 +255,23 @@ def train(
             for index, batch in enumerate(problem.batches(unit)):
                 if index < skip:
                     continue
-                loss = problem.loss(model, batch)
+                batch = parallel.local_batch(batch, problem)
+                loss = problem.loss(net, batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                parallel.after_backward(net)
                 closure = step_closure(batch)
                 optimizer.step(closure) if closure is not None else optimizer.step()
                 state.record_loss(loss)
                 state.step += 1
                 state.batch_in_unit = index + 1
                 reason = should_stop()
+                if parallel.active and parallel.max_int(reason is not None, device):
+                    reason = reason or "a signal to another rank"  # all ranks stop at this step
                 if reason is not None:
                     save_checkpoint()
                     raise TrainingStopped(reason)
-                if stopping and state.step % DIVERGENCE_CHECK_STEPS == 0 and int(state.first_nonfinite_step) >= 0:
+                if stopping and state.step % DIVERGENCE_CHECK_STEPS == 0 and agreed_first_nonfinite() >= 0:
                     nonfinite = True
                     break
             state.unit, state.batch_in_unit = unit, 0

@@ -184,10 +184,10 @@ def test_cli_runs_the_fig1_preset_in_parallel_workers(data_root, tmp_path):
 
 def test_cli_rejects_a_bad_value_naming_the_key_before_running(data_root, tmp_path):
     env = {**os.environ, "AADL_DATA_ROOT": str(data_root)}
-    command = [sys.executable, "-m", "experiments.run", "method=aadl", "accel.relaxation=2", f"output.root={tmp_path}", f"hydra.run.dir={tmp_path / 'hydra'}"]
+    command = [sys.executable, "-m", "experiments.run", "method=aadl", "method.aadl.relaxation=2", f"output.root={tmp_path}", f"hydra.run.dir={tmp_path / 'hydra'}"]
     done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
-    assert "accel.relaxation" in done.stderr and "0 < relaxation <= 1" in done.stderr
+    assert "method.aadl.relaxation" in done.stderr and "0 < relaxation <= 1" in done.stderr
     assert not (tmp_path / "graduate_admissions").exists()
 
 

@@ -23,6 +23,9 @@ class Problem(abc.ABC):
     budget_unit: ClassVar[str]  # one of BUDGET_UNITS
     Config: ClassVar[type]  # dataclass for this problem's ``problem.*`` config section
     datasets: ClassVar[tuple[Any, ...]] = ()  # experiments.data.TabularDataset files it reads
+    # Whether the loss goes through the model's forward, so that DistributedDataParallel can
+    # average the gradients (experiments/parallel.py); otherwise one all-reduce does.
+    ddp: ClassVar[bool] = True
 
     @classmethod
     def input_identity(cls, cfg: Any, data_root: Path) -> dict[str, str]:
@@ -53,6 +56,16 @@ class Problem(abc.ABC):
     @abc.abstractmethod
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         """Validation metrics; always contains "val_loss"."""
+
+    def local_batch(self, batch: Any, rank: int, world_size: int) -> Any:
+        """This rank's part of a global batch: rank's chunk of every tensor along dim 0 (a
+        tensor, or a tuple or list of them). Equal chunks make the mean of the ranks' mean
+        losses the global batch's mean loss; otherwise the ranks weigh equally."""
+        if isinstance(batch, torch.Tensor):
+            return torch.tensor_split(batch, world_size)[rank]
+        if isinstance(batch, (tuple, list)):
+            return type(batch)(self.local_batch(part, rank, world_size) for part in batch)
+        raise TypeError(f"{type(self).__name__}.local_batch: cannot split a {type(batch).__name__}; override local_batch")
 
     def state_dict(self) -> dict[str, Any]:
         """The data-order state that ``batches`` advances (e.g. a shuffling generator), for

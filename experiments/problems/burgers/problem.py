@@ -224,6 +224,7 @@ class BurgersProblem(Problem):
 
     budget_unit: ClassVar[str] = "iteration"
     Config: ClassVar[type[BurgersConfig]]
+    ddp: ClassVar[bool] = False  # the forward-mode Laplacian runs through the layers, not forward()
 
     def __init__(self, cfg: Any, *, data_root: Path, seed: int, device: torch.device):
         super().__init__(
@@ -283,6 +284,10 @@ class BurgersProblem(Problem):
         if self._training is None or self._training[0] != draw:
             self._training = (draw, self._draw_batch(_Stream.TRAINING, draw))
         return [self._training[1]]
+
+    def local_batch(self, batch: PinnBatch, rank: int, world_size: int) -> PinnBatch:
+        # The data and the collocation points split separately: MSE_u and MSE_f are two means.
+        return PinnBatch(*(torch.tensor_split(getattr(batch, f.name), world_size)[rank] for f in fields(batch)))
 
     def loss(self, model: torch.nn.Module, batch: PinnBatch) -> Tensor:
         mse_u, mse_f = self.loss_terms(model, batch)
