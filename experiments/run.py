@@ -98,29 +98,62 @@ class RunPreempted(HarnessError):
         return (type(self), (self.path, self.signal_name, self.step))
 
 
-def execute(cfg: DictConfig, *, worker: bool = False) -> RunOutcome:
+@dataclass(frozen=True)
+class Ranks:
+    """The processes that train one run together (experiments.world found them)."""
+
+    world_size: int = 1
+    rank: int = 0
+    launcher: str = "single"
+    backend: Optional[str] = None
+    hosts: tuple[str, ...] = ()
+    device: Optional[str] = None  # the device the launcher gave this rank, if any
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def execute(cfg: DictConfig, *, worker: bool = False, ranks: Ranks = Ranks()) -> RunOutcome:
     """Validate, check the machine, then run one config (one seed) into its run directory.
 
     ``worker`` marks a multirun job: one torch thread (the launcher runs one job per core)
-    and no progress bar. Raises ConfigError, DatasetError or RunError before anything is
-    written, and RunPreempted when a signal stopped the run (after its checkpoint).
+    and no progress bar. ``ranks``: the processes training this run together (rank 0
+    writes the run directory; every rank writes its own checkpoints). Raises ConfigError,
+    DatasetError or RunError before anything is written, and RunPreempted when a signal
+    stopped the run (after its checkpoint).
     """
     import torch
 
     from experiments import checkpoint
+    from experiments.parallel import DataParallel
     from experiments.training import build_state, resolve_device
 
+    parallel = DataParallel(ranks.world_size, ranks.rank)
     run = validate(cfg)
     settings = run.config
     final = RunDirectory(run.path)
-    if final.is_complete() and not settings.output.overwrite:
+
+    def decide() -> dict[str, Any]:
+        """Rank 0's view of the run directory, which every rank then follows."""
+        if final.is_complete() and not settings.output.overwrite:
+            return {"action": "skipped"}
+        try:
+            check_output(Path(settings.output.root))
+        except RunError as error:
+            return {"action": "error", "message": str(error)}
+        return {"action": "run", "overwrite": final.is_complete()}
+
+    decision = parallel.broadcast(decide() if ranks.main else None)
+    if decision["action"] == "error":
+        raise RunError(decision["message"])
+    if decision["action"] == "skipped":
         log.info("%s is finished; skipping it (output.overwrite=true reruns it)", final.path)
         return RunOutcome(final.path, "skipped")
     # Retraining a finished run goes to a sibling, swapped in once it is complete.
-    target = final.overwrite_sibling if final.is_complete() else final
+    target = final.overwrite_sibling if decision["overwrite"] else final
 
-    check_output(Path(settings.output.root))
-    device = resolve_device(settings.train.device)
+    device = torch.device(ranks.device) if ranks.device else resolve_device(settings.train.device)
     check_device(device, settings.train.device)
     threads = settings.train.threads or (1 if worker else None)
     if threads:
@@ -135,25 +168,50 @@ def execute(cfg: DictConfig, *, worker: bool = False) -> RunOutcome:
         raise RunError(f"not enough memory for this run: {error}") from None
     progress = settings.train.progress
     if progress is None:
-        progress = not worker and interactive_terminal()
+        progress = not worker and ranks.main and interactive_terminal()
 
-    with target.claim() as claimed:
-        if not claimed:
+    with (target.claim() if ranks.main else _held()) as claimed:
+        finished = target is final and final.is_complete()  # finished meanwhile
+        saved = checkpoint.list_checkpoints(target.path, _rank_suffix(ranks)) if ranks.main else []
+        status = parallel.broadcast(
+            {"claimed": claimed, "finished": finished, "resume_step": _step_of(saved[-1]) if saved else None}
+            if ranks.main else None
+        )
+        if not status["claimed"]:
             log.info("%s is being run by another process; skipping it", target.path)
             return RunOutcome(target.path, "busy")
-        if target is final and final.is_complete():  # finished meanwhile
+        if status["finished"]:
             return RunOutcome(final.path, "skipped")
-        saved = checkpoint.list_checkpoints(target.path)
-        resume = checkpoint.load(saved[-1], expected=checkpoint_identity(run)) if saved else None
-        outcome = _train_into(target, run, problem, state, resume=resume, progress=progress, worker=worker, device=str(device))
-    if target is not final:
+        resume = None
+        if status["resume_step"] is not None:
+            path = checkpoint.checkpoint_path(target.path, status["resume_step"], _rank_suffix(ranks))
+            resume = checkpoint.load(path, expected=checkpoint_identity(run, ranks))
+        outcome = _train_into(
+            target, run, problem, state, resume=resume, progress=progress, worker=worker, device=str(device),
+            ranks=ranks, parallel=parallel,
+        )
+    if target is not final and ranks.main:
         target.replace(final)
     return RunOutcome(final.path, outcome)
 
 
-def checkpoint_identity(run: ValidatedRun) -> dict[str, Any]:
-    """What a checkpoint must have been made for to be resumed by ``run``."""
-    return {"config_id": run.config_id, "seed": run.config.seed, "world_size": 1, "rank": 0}
+@contextmanager
+def _held() -> Iterator[bool]:
+    yield True  # ranks other than 0 follow rank 0's lock
+
+
+def _rank_suffix(ranks: Ranks) -> Optional[int]:
+    """The rank in checkpoint file names: none for a single process."""
+    return ranks.rank if ranks.world_size > 1 else None
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.split("-")[1].split(".")[0])
+
+
+def checkpoint_identity(run: ValidatedRun, ranks: Ranks = Ranks()) -> dict[str, Any]:
+    """What a checkpoint must have been made for to be resumed by ``run`` on ``ranks``."""
+    return {"config_id": run.config_id, "seed": run.config.seed, "world_size": ranks.world_size, "rank": ranks.rank}
 
 
 def check_output(root: Path) -> None:
@@ -221,7 +279,7 @@ def stop_on_signals() -> Iterator[Any]:
 
 def _train_into(
     directory: RunDirectory, run: ValidatedRun, problem: Any, state: Any, *, resume: Optional[dict[str, Any]],
-    progress: bool, worker: bool, device: str,
+    progress: bool, worker: bool, device: str, ranks: Ranks = Ranks(), parallel: Any = None,
 ) -> str:
     """Write the run directory: config and metadata, metrics while training (with
     checkpoints), then COMPLETE. ``resume`` is the checkpoint to continue from. Returns
@@ -249,14 +307,20 @@ def _train_into(
                 unit, done, run.budget, row["train_loss"], row["val_loss"], row["lr"], counted, row["wall_time"],
             )
 
-    def save_checkpoint() -> None:
-        payload = {**checkpoint_identity(run), "state": state.state_dict(problem), "rng": checkpoint.capture_rng(), "rows": list(rows)}
-        checkpoint.save(checkpoint.checkpoint_path(directory.path, state.step), payload)
-        checkpoint.prune(directory.path, cfg.checkpoint.keep)
+    suffix = _rank_suffix(ranks)
+    main = ranks.main
 
+    def save_checkpoint() -> None:
+        payload = {**checkpoint_identity(run, ranks), "state": state.state_dict(problem), "rng": checkpoint.capture_rng(), "rows": list(rows)}
+        checkpoint.save(checkpoint.checkpoint_path(directory.path, state.step, suffix), payload)
+        checkpoint.prune(directory.path, cfg.checkpoint.keep, suffix)
+
+    if not main:  # only rank 0 writes the run directory; the others train and checkpoint
+        return _train_follower(directory, run, problem, state, resume, save_checkpoint, parallel)
     if resume is None:
         meta = run_metadata(run, device)
         meta["notes"] = problem.notes()
+        meta.update(world_size=ranks.world_size, launcher=ranks.launcher, backend=ranks.backend, hosts=list(ranks.hosts))
     else:
         meta = {**directory.read_meta(), "status": "running"}
         meta.setdefault("resumed", []).append({"step": resume["state"]["step"], "at": now(), "host": socket.gethostname()})
@@ -285,6 +349,7 @@ def _train_into(
                     result = train(
                         problem, run, state, on_evaluation=record, progress=progress, should_stop=should_stop,
                         save_checkpoint=save_checkpoint, checkpoint_every=cfg.checkpoint.every,
+                        **({"parallel": parallel} if parallel is not None else {}),
                     )
             except TrainingStopped as stopped:
                 _record_end(directory, meta, "preempted", signal=stopped.reason)
@@ -297,6 +362,8 @@ def _train_into(
         _write_atomically_torch(directory.file(FINAL_MODEL_FILE), state.model.state_dict(), torch)
         _record_end(directory, meta, outcome, final=result.last_row, diverged=result.diverged)
         directory.mark_finished(outcome, writer.rows, writer.last_step)
+        if parallel is not None:
+            parallel.broadcast(None)  # every rank's last checkpoint is written: all can go
         shutil.rmtree(directory.path / checkpoint.DIRECTORY, ignore_errors=True)
     except OSError as error:
         if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
@@ -311,6 +378,27 @@ def _train_into(
         return "diverged"
     log.info("done %s seed %d: val_loss %.4e after %.1fs", run.variant, seed, result.last_row["val_loss"], result.last_row["wall_time"])
     return "completed"
+
+
+def _train_follower(directory, run, problem, state, resume, save_checkpoint, parallel) -> str:
+    """A rank other than 0: the same training, writing only its own checkpoints."""
+    from experiments import checkpoint
+    from experiments.training import TrainingStopped, train
+
+    if resume is not None:
+        state.load_state_dict(resume["state"], problem)
+        checkpoint.restore_rng(resume["rng"])
+    progress_log.propagate = False
+    try:
+        with stop_on_signals() as should_stop:
+            result = train(
+                problem, run, state, on_evaluation=lambda row: None, should_stop=should_stop,
+                save_checkpoint=save_checkpoint, checkpoint_every=run.config.checkpoint.every, parallel=parallel,
+            )
+    except TrainingStopped as stopped:
+        raise RunPreempted(str(directory.path), stopped.reason, state.step) from None
+    parallel.broadcast(None)  # rank 0 deletes the checkpoints once every rank is done
+    return "diverged" if result.diverged else "completed"
 
 
 def _write_atomically_torch(path: Path, payload: Any, torch: Any) -> None:
