@@ -25,6 +25,7 @@ from torch.optim import Optimizer
 
 from . import kernels
 from .averaging import IterateAverage
+from .closure import evaluate_loss
 from .distributed import RowLayout
 from .flat import ParameterVector
 from .history import AndersonHistory
@@ -243,7 +244,9 @@ class AndersonAcceleration(Optimizer):
 
         ``closure`` only computes the loss (no backward; it is called under
         ``torch.no_grad()``) and is used by the safeguard. Returns the closure's loss at
-        the point kept when the safeguard ran, otherwise ``None``.
+        the point kept when the safeguard ran, otherwise ``None``. A closure that returns
+        no scalar loss, or runs backward, fails with a message saying so (aadl.closure);
+        one that fails at the AA point leaves the parameters at the plain step w_k + r_k.
         """
         s = self.settings
         self._sync_parameters()
@@ -338,9 +341,17 @@ class AndersonAcceleration(Optimizer):
             stats.aa_accepted += 1
             return None
 
-        plain_loss = closure()  # the parameters are at w_after = w_k + r_k
+        plain_loss = evaluate_loss(closure)  # the parameters are at w_after = w_k + r_k
         self._write_parameters(candidate)
-        aa_loss = closure()
+        try:
+            aa_loss = evaluate_loss(closure)
+        except BaseException:
+            # Never leave the unchecked candidate in place. Other ranks may have a loss
+            # there: take their path for a non-finite loss (the same collectives, the
+            # candidate rejected everywhere), then let the error through.
+            self._mean_over_ranks(plain_loss, math.nan)
+            self._write_parameters(w_after)
+            raise
         plain, accelerated = self._mean_over_ranks(plain_loss, aa_loss)
         if math.isfinite(accelerated) and accelerated < plain:
             stats.aa_accepted += 1

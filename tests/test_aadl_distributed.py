@@ -72,6 +72,50 @@ def run(settings, rank=0, world=1):
     }
 
 
+class CandidateFailure(Exception):
+    pass
+
+
+def run_failing_candidate(mode, rank=0, world=1):
+    """Three steps, then one whose closure fails at the AA point on the ranks in ``mode``
+    ("all", "rank1") or returns +inf there ("reject": every rank rejects), then two more.
+    Returns the parameters after the failing step and at the end."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 13), torch.nn.Tanh(), torch.nn.Linear(13, 1)).double()
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    x, y = full_batch()
+    rows = slice(rank * 64 // world, (rank + 1) * 64 // world)
+    x, y = x[rows], y[rows]
+    opt = AndersonAcceleration(torch.optim.Adam(model.parameters(), lr=0.05), history=4, distributed="sharded")
+    loss_fn = lambda: torch.nn.functional.mse_loss(model(x), y)  # noqa: E731
+    fails = mode == "all" or (mode == "rank1" and rank == 1)
+    params, raised = [], False
+    for k in range(6):
+        calls = []
+
+        def closure():
+            calls.append(1)
+            if k == 3 and len(calls) == 2:
+                if fails:
+                    raise CandidateFailure
+                return torch.tensor(math.inf, dtype=torch.float64)
+            return loss_fn()
+
+        opt.zero_grad()
+        loss_fn().backward()
+        try:
+            opt.step(closure)
+        except CandidateFailure:
+            raised = True
+        if k in (3, 5):
+            params.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    return {"params": params, "raised": raised, "stats": opt.stats.as_dict()}
+
+
+FAILURES = ("reject", "all", "rank1")
+
+
 def _worker(rank, init_file, out_dir):
     # Everything this rank prints, C++ aborts and fatal-signal tracebacks included, goes to
     # its own log, so that a crash in CI says where it happened.
@@ -86,6 +130,7 @@ def _worker(rank, init_file, out_dir):
     torch.set_num_threads(1)
     try:
         results = {name: run(settings, rank, WORLD) for name, settings in CASES.items()}
+        results["failures"] = {mode: run_failing_candidate(mode, rank, WORLD) for mode in FAILURES}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         print(f"rank {rank}: results written", flush=True)
     finally:
@@ -152,3 +197,17 @@ def test_safeguard_decides_alike_on_all_ranks_where_local_losses_disagree(distri
     ]
     # The test has teeth: on some step the ranks' own losses pointed different ways.
     assert any(a != b for a, b in zip(*local_votes))
+
+
+@pytest.mark.parametrize("mode", ["all", "rank1"])
+def test_closure_failing_at_the_aa_point_restores_the_plain_step_on_every_rank(distributed_results, mode):
+    """The failing ranks join the others' collectives for a rejected candidate: no rank
+    hangs, and every rank ends where a rejection would have left it."""
+    rejected = [results["failures"]["reject"] for results in distributed_results]
+    failed = [results["failures"][mode] for results in distributed_results]
+    assert [r["raised"] for r in failed] == ([True, True] if mode == "all" else [False, True])
+    for rank in range(WORLD):
+        for got, expected in zip(failed[rank]["params"], rejected[rank]["params"]):
+            assert torch.equal(got, expected)
+        assert failed[rank]["stats"] == rejected[rank]["stats"]
+    assert torch.equal(failed[0]["params"][-1], failed[1]["params"][-1])
