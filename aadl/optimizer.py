@@ -25,14 +25,19 @@ from torch.optim import Optimizer
 
 from . import kernels
 from .averaging import IterateAverage
+from .checkpoint import (
+    STATE_FORMAT,
+    base_optimizer_name,
+    format_error,
+    incompatible_settings,
+    missing_keys,
+)
 from .closure import evaluate_loss
 from .distributed import RowLayout
 from .flat import ParameterVector
 from .history import AndersonHistory
 from .hyperparameters import AndersonSettings, validate_settings
 from .solvers import LeastSquaresSolution, solve_normal_equations, solve_r_factor
-
-STATE_FORMAT = 1
 
 
 @dataclasses.dataclass
@@ -421,6 +426,7 @@ class AndersonAcceleration(Optimizer):
                 "settings": self.settings.as_dict(),
                 "layout": self._layout.describe(),
                 "dtype": str(self._whole.dtype),
+                "base_optimizer": base_optimizer_name(self.optimizer),
                 "stats": self.stats.as_dict(),
                 "history": self._history.state_dict(),
                 "stored": stored,
@@ -431,20 +437,40 @@ class AndersonAcceleration(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a state saved by :meth:`state_dict`. Everything is checked before
-        anything is changed, so a bad checkpoint leaves this optimizer as it was."""
+        anything is changed, so a bad checkpoint leaves this optimizer as it was: its
+        format, every key (``aadl.checkpoint``), the settings whose state cannot be carried
+        over (history, averaging and its window, the base optimizer's class, the dtype),
+        the row layout and the sizes."""
         if not isinstance(state_dict, dict) or set(state_dict) != {"base", "anderson"}:
+            got = f"; got keys {sorted(map(str, state_dict))}" if isinstance(state_dict, dict) else ""
             raise ValueError(
                 "AndersonAcceleration.load_state_dict expects a dict with keys 'base' and "
                 "'anderson' (from AndersonAcceleration.state_dict()); to load a plain "
-                "optimizer's state use .optimizer.load_state_dict()"
+                f"optimizer's state use .optimizer.load_state_dict(){got}"
             )
         saved = state_dict["anderson"]
-        if saved.get("format") != STATE_FORMAT:
+        unreadable = format_error(saved) if isinstance(saved, dict) else None
+        if unreadable:
+            raise ValueError(unreadable)
+        stats_fields = tuple(f.name for f in dataclasses.fields(AccelerationStats))
+        missing = missing_keys(state_dict, stats_fields)
+        if missing:
             raise ValueError(
-                f"AndersonAcceleration.load_state_dict: unsupported state format "
-                f"{saved.get('format')!r}; this version reads format {STATE_FORMAT}"
+                "AndersonAcceleration.load_state_dict: the checkpoint is incomplete, missing "
+                + ", ".join(missing)
             )
         self._sync_parameters()
+        current = {
+            "settings": self.settings.as_dict(),
+            "dtype": str(self._whole.dtype),
+            "base_optimizer": base_optimizer_name(self.optimizer),
+        }
+        differing = incompatible_settings(saved, current)
+        if differing:
+            raise ValueError(
+                "AndersonAcceleration.load_state_dict: the checkpoint's state cannot be carried "
+                "over to these settings: " + "; ".join(differing)
+            )
         here, there = self._layout.describe(), saved["layout"]
         mismatched = [key for key in ("n", "world_size", "rank", "sharded") if here[key] != there[key]]
         if mismatched:
@@ -488,7 +514,7 @@ class AndersonAcceleration(Optimizer):
             history.reweight_mixing(old_weight, self._dr_weight)
             if self._stored is not None:
                 self._stored[0].add_(self._stored[1], alpha=self._dr_weight - old_weight)
-        self.stats = AccelerationStats(**saved["stats"])
+        self.stats = AccelerationStats(**{name: saved["stats"][name] for name in stats_fields})
         self._warned_no_closure = bool(saved.get("warned_no_closure", False))
 
     def __repr__(self) -> str:

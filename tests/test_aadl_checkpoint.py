@@ -154,3 +154,163 @@ def test_resuming_with_another_relaxation_matches_the_contract():
         relaxation=lambda k: 0.5 if k <= 8 else 0.9,
     )
     np.testing.assert_allclose(flat(params), expected[-1], rtol=1e-8)
+
+
+# -- incomplete checkpoints and settings whose state cannot be carried over ----------
+
+
+def _assert_unchanged(before, opt):
+    """Every tensor and number of the optimizer's state dict is as it was."""
+
+    def same(a, b, path):
+        if isinstance(a, dict):
+            assert isinstance(b, dict) and set(a) == set(b), path
+            for key in a:
+                same(a[key], b[key], f"{path}.{key}")
+        elif isinstance(a, (list, tuple)):
+            assert len(a) == len(b), path
+            for i, (x, y) in enumerate(zip(a, b)):
+                same(x, y, f"{path}[{i}]")
+        elif isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), path
+        else:
+            assert a == b or (a != a and b != b), path  # NaN counters compare equal
+
+    same(before, opt.state_dict(), "state")
+
+
+def _trained(settings=None, steps=5):
+    model, opt, scheduler = make_run(settings or dict(history=3, average=True, average_threshold=1e-3))
+    train(model, opt, scheduler, steps=steps, start=0)
+    return model, opt
+
+
+def _without(state, path):
+    state = copy.deepcopy(state)
+    *parents, last = path.split(".")
+    part = state
+    for key in parents:
+        part = part[key]
+    del part[last]
+    return state
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "anderson.stored",
+        "anderson.history.dR",
+        "anderson.average.buffer",
+        "anderson.stats.qr_fallbacks",
+        "anderson.settings.relaxation",
+        "anderson.base_optimizer",
+        "base.param_groups",
+    ],
+)
+def test_checkpoint_missing_a_key_names_it_and_changes_nothing(path):
+    _, source = _trained()
+    _, opt = _trained(steps=2)
+    before = _snapshot(opt)
+    with pytest.raises(ValueError) as error:
+        opt.load_state_dict(_without(source.state_dict(), path))
+    message = str(error.value)
+    assert message.startswith("AndersonAcceleration.load_state_dict: the checkpoint is incomplete")
+    assert path in message and "\n" not in message
+    _assert_unchanged(before, opt)
+
+
+def test_checkpoint_missing_several_keys_names_them_all():
+    _, opt = _trained()
+    state = _without(_without(opt.state_dict(), "anderson.stored"), "anderson.history.gram")
+    with pytest.raises(ValueError, match=r"missing anderson\.stored, anderson\.history\.gram"):
+        opt.load_state_dict(state)
+
+
+def test_checkpoint_of_the_previous_format_gets_a_clear_message():
+    _, opt = _trained()
+    state = opt.state_dict()
+    state["anderson"]["format"] = 1
+    del state["anderson"]["base_optimizer"]
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match=r"state format 1.*older aadl.*optimizer\.load_state_dict"):
+        opt.load_state_dict(state)
+    _assert_unchanged(before, opt)
+
+
+def _other_base(model):
+    return torch.optim.SGD(model.parameters(), lr=0.02)
+
+
+BINDING = {
+    # name: (saved settings, resumed settings, change, expected text)
+    "average on -> off": (
+        dict(history=3, average=True), dict(history=3), None, "average=True in the checkpoint, average=False here"
+    ),
+    "average off -> on": (
+        dict(history=3), dict(history=3, average=True), None, "average=False in the checkpoint, average=True here"
+    ),
+    "history": (dict(history=3), dict(history=4), None, "history=3 in the checkpoint, history=4 here"),
+    "average_window": (
+        dict(history=3, average=True),  # t defaults to m = 3
+        dict(history=3, average=True, average_window=4),
+        None,
+        "average_window=3 in the checkpoint, average_window=4 here",
+    ),
+    "base optimizer": (
+        dict(history=3), dict(history=3), "sgd",
+        "base_optimizer='torch.optim.adam.Adam' in the checkpoint, base_optimizer='torch.optim.sgd.SGD' here",
+    ),
+    "dtype": (
+        dict(history=3), dict(history=3), "float64",
+        "dtype='torch.float32' in the checkpoint, dtype='torch.float64' here",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BINDING.values(), ids=BINDING.keys())
+def test_checkpoint_with_binding_settings_that_differ_is_refused_and_changes_nothing(case):
+    saved_settings, settings, change, expected = case
+    _, source = _trained(saved_settings, steps=6)
+    model, opt, _ = make_run(settings)
+    if change == "sgd":
+        opt = AndersonAcceleration(_other_base(model), **settings)
+    elif change == "float64":
+        model.double()
+        opt = AndersonAcceleration(torch.optim.Adam(model.parameters(), lr=0.02), **settings)
+    before = _snapshot(opt)
+    with pytest.raises(ValueError) as error:
+        opt.load_state_dict(source.state_dict())
+    message = str(error.value)
+    assert message.startswith("AndersonAcceleration.load_state_dict: the checkpoint's state cannot be carried over")
+    assert expected in message and "\n" not in message
+    _assert_unchanged(before, opt)
+
+
+def test_several_differing_settings_are_all_named():
+    _, source = _trained(dict(history=3, average=True), steps=6)
+    model, _, _ = make_run(dict(history=4))
+    opt = AndersonAcceleration(_other_base(model), history=4)
+    with pytest.raises(ValueError) as error:
+        opt.load_state_dict(source.state_dict())
+    for name in ("base_optimizer=", "history=3", "average=True"):
+        assert name in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(safeguard="none"), dict(solver="qr"), dict(frequency=2, store_every=2),
+        dict(regularization=1e-6), dict(warmup=3), dict(average_threshold=0.5),
+        dict(average_criterion="reference_code"), dict(relaxation=0.5), dict(mixing="paper_eq6"),
+    ],
+    ids=lambda change: ",".join(change),
+)
+def test_settings_that_hold_no_state_may_change_on_resume(change):
+    saved = dict(history=3, average=True, average_threshold=1e-3)
+    model, source = _trained(saved, steps=6)
+    resumed_model, opt, scheduler = make_run({**saved, **change}, seed=1)
+    resumed_model.load_state_dict(model.state_dict())
+    opt.load_state_dict(source.state_dict())
+    assert opt.stats.as_dict() == source.stats.as_dict()
+    train(resumed_model, opt, scheduler, steps=4, start=6)
+    assert all(torch.isfinite(p).all() for p in resumed_model.parameters())
