@@ -14,6 +14,19 @@ import torch
 
 _foreach_copy = getattr(torch, "_foreach_copy_", None)
 
+# float16 is refused: its range (smallest normal 6e-5) underflows small gradients and
+# steps, torch's Adam divides by zero on pure-float16 weights (its eps=1e-8 is 0 there),
+# and a float32 history could repair neither. bfloat16 has float32's range.
+# docs/library.md, "Parameter dtypes", has the reasons and the measurements.
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+FLOAT16_ADVICE = (
+    "AndersonAcceleration: float16 parameters are not supported: float16's range (smallest "
+    "normal 6e-5) underflows small gradients and steps, and torch's Adam, whose eps=1e-8 is 0 "
+    "in float16, divides by zero on pure-float16 weights; keep float32 master weights and run the forward "
+    "under torch.autocast(device_type, dtype=torch.float16) with torch.amp.GradScaler, or "
+    "use bfloat16 parameters"
+)
+
 
 class ParameterVector:
     """Rows ``[start, stop)`` of the concatenation of ``params`` (flattened, in order)."""
@@ -33,6 +46,13 @@ class ParameterVector:
             )
         if not params[0].is_floating_point():
             raise ValueError(f"AndersonAcceleration needs floating-point parameters, got {params[0].dtype}")
+        if params[0].dtype == torch.float16:
+            raise ValueError(FLOAT16_ADVICE)
+        if params[0].dtype not in SUPPORTED_DTYPES:
+            raise ValueError(
+                f"AndersonAcceleration: {params[0].dtype} parameters are not supported; "
+                "supported: float32, float64, bfloat16"
+            )
         self.params = list(params)
         self.dtype = params[0].dtype
         self.device = params[0].device

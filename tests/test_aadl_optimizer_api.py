@@ -211,3 +211,29 @@ def test_unknown_setting_is_a_type_error_listing_the_valid_names():
     with pytest.raises(TypeError, match="histroy"):
         validate_settings(histroy=3)
     assert "history" in SETTING_NAMES and len(SETTING_NAMES) == 15
+
+
+# -- parameter dtypes ---------------------------------------------------------------
+
+
+def test_float16_parameters_are_refused_with_the_alternatives():
+    model = Net(torch.float16)
+    with pytest.raises(ValueError) as error:
+        AndersonAcceleration(torch.optim.Adam(model.parameters(), lr=0.01))
+    message = str(error.value)
+    assert message.startswith("AndersonAcceleration: float16 parameters are not supported")
+    assert "float32 master weights" in message and "torch.autocast" in message and "bfloat16" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("kind", ["adam", "sgd_nesterov"])
+def test_bfloat16_and_float64_parameters_train_with_acceleration(dtype, kind):
+    x, y = data(dtype)
+    torch.manual_seed(0)
+    model = Net(dtype)
+    opt = AndersonAcceleration(build_base(kind, model), history=5, relaxation=0.5)
+    losses = train(opt, model, 30, x, y)
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert opt.stats.aa_attempts == 29 and opt._history.X.dtype == dtype
