@@ -7,6 +7,7 @@
 """
 
 from .hyperparameters import SETTING_NAMES, AndersonSettings, validate_settings
+from .memory import estimate_memory_bytes
 from .optimizer import AccelerationStats, AndersonAcceleration
 
 __all__ = [
@@ -15,5 +16,6 @@ __all__ = [
     "AccelerationStats",
     "SETTING_NAMES",
     "validate_settings",
+    "estimate_memory_bytes",
 ]
 __version__ = "0.1.0"

@@ -8,7 +8,8 @@ buffer (t n), the wrapper keeps a pool of n-vectors whose roles rotate from step
 so that nothing is copied twice: the stored pair (u_s, r_s), the pre-step parameters that
 become the residual r_k, the post-step parameters w_k + r_k and the AA candidate. Four
 suffice whenever every acceleration step is also a storage step (p a multiple of q, as in
-all the paper's settings); other schedules grow the pool to five on first need.
+all the paper's settings); other schedules need five. All of it is allocated up front
+(``aadl.memory`` says how much), so a run that does not fit fails at construction.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from .distributed import RowLayout
 from .flat import ParameterVector
 from .history import AndersonHistory
 from .hyperparameters import AndersonSettings, validate_settings
+from .memory import device_capacity, estimate_memory_bytes, is_allocation_failure, out_of_memory, pool_size
 from .solvers import LeastSquaresSolution, solve_normal_equations, solve_r_factor
 
 
@@ -188,51 +190,68 @@ class AndersonAcceleration(Optimizer):
         return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
 
     def _build(self, params: list[torch.Tensor]) -> None:
-        """Allocate every buffer for the joint vector of ``params`` (history emptied)."""
+        """Allocate every buffer for the joint vector of ``params`` (history emptied).
+
+        All or nothing: the buffers are assigned only once every one of them exists, so a
+        failed rebuild leaves the optimizer as it was. Buffers that do not fit raise a
+        one-line MemoryError naming the bytes and the setting to lower."""
         s = self.settings
         whole = ParameterVector(params)
         layout = RowLayout(whole.n, s.distributed, whole.device, self.process_group)
         if layout.sharded and whole.n < layout.world_size:
             raise ValueError(
-                f"distributed='sharded' needs at least one parameter per rank; n={whole.n} "
-                f"< world size {layout.world_size}"
+                f"AndersonAcceleration: distributed='sharded' needs at least one parameter per "
+                f"rank; n={whole.n} < world size {layout.world_size}"
             )
         device = torch.device(s.history_device) if s.history_device else whole.device
         length, dtype = layout.shard_length, whole.dtype
+        # Refuse what can never fit before asking: on Linux an overcommitted CPU
+        # allocation "succeeds" and the process is killed while it is zero-filled.
+        capacity = device_capacity(device)
+        if capacity is not None and estimate_memory_bytes(
+            whole.n, dtype, s, world_size=layout.world_size
+        ) > capacity:
+            raise out_of_memory(whole.n, dtype, device, s, layout.world_size, capacity)
+        try:
+            pool = [torch.zeros(length, dtype=dtype, device=device) for _ in range(pool_size(s))]
+            full = torch.zeros(layout.padded_length, dtype=dtype, device=device) if layout.sharded else None
+            history = AndersonHistory(s.history, length, dtype, device)
+            average = (
+                IterateAverage(
+                    s.window, length, layout.local_length, s.average_threshold,
+                    s.average_criterion, dtype, device,
+                )
+                if s.average
+                else None
+            )
+        except (RuntimeError, MemoryError) as error:
+            if not is_allocation_failure(error):
+                raise
+            raise out_of_memory(whole.n, dtype, device, s, layout.world_size) from error
         self._whole = whole
         self._rows = ParameterVector(params, layout.start, layout.stop) if layout.sharded else whole
         self._layout = layout
-        self._pool = [torch.zeros(length, dtype=dtype, device=device) for _ in range(4)]
-        self._full = (
-            torch.zeros(layout.padded_length, dtype=dtype, device=device) if layout.sharded else None
-        )
-        self._history = AndersonHistory(s.history, length, dtype, device)
-        self._average = (
-            IterateAverage(
-                s.window, length, layout.local_length, s.average_threshold,
-                s.average_criterion, dtype, device,
-            )
-            if s.average
-            else None
-        )
+        self._pool, self._full, self._history, self._average = pool, full, history, average
         self._stored: tuple[torch.Tensor, torch.Tensor] | None = None  # (u_s, r_s)
 
     def _sync_parameters(self) -> None:
         params = self._trainable_parameters()
         if not self._whole.same_parameters(params):
-            if len(self._history) or self._stored is not None:
+            held = len(self._history) or self._stored is not None
+            self._build(params)  # may fail, leaving everything as it was: warn after it
+            if held:
                 warnings.warn(
                     "AndersonAcceleration: the set of trainable parameters changed; "
                     "the AA history and moving average are reset",
                     stacklevel=3,
                 )
-            self._build(params)
 
     def _free_buffer(self, *in_use: torch.Tensor | None) -> torch.Tensor:
         for buffer in self._pool:
             if not any(buffer is used for used in in_use):
                 return buffer
-        # Only schedules that accelerate on steps that store nothing get here.
+        # Beyond pool_size(): a checkpoint resumed with a longer warmup accelerates on
+        # steps that store nothing. Grow once.
         self._pool.append(torch.zeros_like(self._pool[0]))
         return self._pool[-1]
 

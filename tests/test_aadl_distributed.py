@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from aadl import AndersonAcceleration
+from aadl import AndersonAcceleration, estimate_memory_bytes
 
 pytestmark = pytest.mark.distributed
 
@@ -69,7 +69,16 @@ def run(settings, rank=0, world=1):
         "local_losses": local_losses,
         "stats": opt.stats.as_dict(),
         "history_rows": opt._history.X.shape[1],
+        "allocated_bytes": _allocated_bytes(opt),
+        "estimated_bytes": estimate_memory_bytes(92, 8, opt.settings, world_size=world),
     }
+
+
+def _allocated_bytes(opt):
+    history = opt._history
+    tensors = [*opt._pool, history.X, history.dR, history.gram, history.stored_dots]
+    tensors += [t for t in (opt._full, opt._average and opt._average.buffer) if t is not None]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class CandidateFailure(Exception):
@@ -197,6 +206,13 @@ def test_safeguard_decides_alike_on_all_ranks_where_local_losses_disagree(distri
     ]
     # The test has teeth: on some step the ranks' own losses pointed different ways.
     assert any(a != b for a, b in zip(*local_votes))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_estimate_matches_the_buffers_of_each_rank(distributed_results, case):
+    for rank_results in distributed_results:
+        got = rank_results[case]
+        assert got["allocated_bytes"] == got["estimated_bytes"]
 
 
 @pytest.mark.parametrize("mode", ["all", "rank1"])
