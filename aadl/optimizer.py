@@ -142,6 +142,7 @@ class AndersonAcceleration(Optimizer):
         self._patch_step_function()
         self.stats = AccelerationStats()
         self._warned_no_closure = False
+        self._closure_error: BaseException | None = None  # raised once the step is complete
         self._build(self._trainable_parameters())
 
     # -- shared with the base optimizer -------------------------------------------------
@@ -176,6 +177,7 @@ class AndersonAcceleration(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("_closure_error", None)  # pickled by an older aadl
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -269,11 +271,13 @@ class AndersonAcceleration(Optimizer):
         ``closure`` only computes the loss (no backward; it is called under
         ``torch.no_grad()``) and is used by the safeguard. Returns the closure's loss at
         the point kept when the safeguard ran, otherwise ``None``. A closure that returns
-        no scalar loss, or runs backward, fails with a message saying so (aadl.closure);
-        one that fails at the AA point leaves the parameters at the plain step w_k + r_k.
+        no scalar loss, or runs backward, fails with a message saying so (aadl.closure).
+        If it fails at the AA point, the step is completed as for a rejected candidate
+        (parameters at w_k + r_k, moving average updated) before the error is raised.
         """
         s = self.settings
         self._sync_parameters()
+        self._closure_error = None  # one left by a step that failed otherwise is stale
         k = self.stats.steps + 1
         store = k > s.warmup and k % s.store_every == 0
         accelerate = k % s.frequency == 0 and (
@@ -294,8 +298,13 @@ class AndersonAcceleration(Optimizer):
 
         rhs = self._store(w_after, residual) if store else None  # 3.
         loss = self._accelerate(closure, w_after, residual, rhs) if accelerate else None  # 4.
-        if self._average is not None:  # 5.
-            self._update_average(residual)
+        try:
+            if self._average is not None:  # 5.
+                self._update_average(residual)
+        finally:
+            error, self._closure_error = self._closure_error, None
+        if error is not None:  # the closure failed at the AA point; the step is complete
+            raise error
         return loss
 
     def _store(self, w_after: torch.Tensor, residual: torch.Tensor) -> torch.Tensor | None:
@@ -369,13 +378,12 @@ class AndersonAcceleration(Optimizer):
         self._write_parameters(candidate)
         try:
             aa_loss = evaluate_loss(closure)
-        except BaseException:
-            # Never leave the unchecked candidate in place. Other ranks may have a loss
-            # there: take their path for a non-finite loss (the same collectives, the
-            # candidate rejected everywhere), then let the error through.
-            self._mean_over_ranks(plain_loss, math.nan)
-            self._write_parameters(w_after)
-            raise
+        except BaseException as error:
+            # Never leave the unchecked candidate in place: finish the step as for a
+            # non-finite loss there (the other ranks' path, collectives included), and
+            # let step() raise the error at its end.
+            self._closure_error = error
+            aa_loss = math.nan
         plain, accelerated = self._mean_over_ranks(plain_loss, aa_loss)
         if math.isfinite(accelerated) and accelerated < plain:
             stats.aa_accepted += 1

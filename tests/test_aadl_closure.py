@@ -1,6 +1,8 @@
 """The loss closure: clear errors for the usual mistakes, and a closure that fails at the
 AA point never leaves the unchecked candidate in the parameters."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -134,11 +136,14 @@ def test_closure_failing_at_the_aa_point_restores_the_plain_step(failure):
     assert opt.stats.aa_attempts == attempts + 4
 
 
-def test_a_rejected_or_failed_candidate_leaves_the_same_point():
-    """A failure at the AA point ends where a rejection would (same parameters)."""
+@pytest.mark.parametrize("average", [False, True], ids=["plain", "average"])
+def test_a_failed_candidate_completes_the_step_as_a_rejected_one(average):
+    """A failure at the AA point ends where a rejection would: same parameters, counters,
+    history and moving average; only the error is added."""
+    settings = dict(average=True, average_window=2, average_threshold=1e-6) if average else {}
     runs = []
     for failure in (False, True):
-        model, opt, loss_fn = make()
+        model, opt, loss_fn = make(**settings)
         for _ in range(3):
             step(opt, loss_fn, loss_fn)
         calls = []
@@ -154,7 +159,34 @@ def test_a_rejected_or_failed_candidate_leaves_the_same_point():
         try:
             step(opt, loss_fn, closure)
         except FailsAtTheAAPoint:
-            pass
-        runs.append([p.detach().clone() for p in model.parameters()])
-    for a, b in zip(*runs):
+            assert failure
+        else:
+            assert not failure
+        runs.append(([p.detach().clone() for p in model.parameters()], copy.deepcopy(opt.state_dict())))
+    (params_a, state_a), (params_b, state_b) = runs
+    for a, b in zip(params_a, params_b):
         assert torch.equal(a, b)
+    a, b = state_a["anderson"], state_b["anderson"]
+    assert a["stats"] == b["stats"]
+    assert torch.equal(a["history"]["X"], b["history"]["X"])
+    if average:
+        assert a["average"]["count"] == b["average"]["count"] == 2
+        assert torch.equal(a["average"]["buffer"], b["average"]["buffer"])
+        assert a["stats"]["averages_applied"] > 0
+
+
+def test_the_error_is_raised_once():
+    _, opt, loss_fn = make()
+    for _ in range(3):
+        step(opt, loss_fn, loss_fn)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == 2:
+            raise FailsAtTheAAPoint
+        return loss_fn()
+
+    with pytest.raises(FailsAtTheAAPoint):
+        step(opt, loss_fn, closure)
+    step(opt, loss_fn, loss_fn)  # the next step does not raise it again

@@ -96,7 +96,11 @@ def run_failing_candidate(mode, rank=0, world=1):
     x, y = full_batch()
     rows = slice(rank * 64 // world, (rank + 1) * 64 // world)
     x, y = x[rows], y[rows]
-    opt = AndersonAcceleration(torch.optim.Adam(model.parameters(), lr=0.05), history=4, distributed="sharded")
+    # Averaging too: its max-reduction over shards is a collective the failing ranks must join.
+    opt = AndersonAcceleration(
+        torch.optim.Adam(model.parameters(), lr=0.05), history=4, distributed="sharded",
+        average=True, average_window=2, average_threshold=1e-6,
+    )
     loss_fn = lambda: torch.nn.functional.mse_loss(model(x), y)  # noqa: E731
     fails = mode == "all" or (mode == "rank1" and rank == 1)
     params, raised = [], False
@@ -227,3 +231,4 @@ def test_closure_failing_at_the_aa_point_restores_the_plain_step_on_every_rank(d
             assert torch.equal(got, expected)
         assert failed[rank]["stats"] == rejected[rank]["stats"]
     assert torch.equal(failed[0]["params"][-1], failed[1]["params"][-1])
+    assert failed[0]["stats"]["averages_applied"] > 0
