@@ -108,6 +108,7 @@ class Ranks:
     backend: Optional[str] = None
     hosts: tuple[str, ...] = ()
     device: Optional[str] = None  # the device the launcher gave this rank, if any
+    threads: Optional[int] = None  # torch threads per rank where train.threads is unset
 
     @property
     def main(self) -> bool:
@@ -155,7 +156,7 @@ def execute(cfg: DictConfig, *, worker: bool = False, ranks: Ranks = Ranks()) ->
 
     device = torch.device(ranks.device) if ranks.device else resolve_device(settings.train.device)
     check_device(device, settings.train.device)
-    threads = settings.train.threads or (1 if worker else None)
+    threads = settings.train.threads or (1 if worker else ranks.threads)
     if threads:
         torch.set_num_threads(threads)
     # Loads and checks the data, so a missing or wrong file fails before the directory exists.
@@ -474,11 +475,32 @@ def _cmdline(process: Any) -> list[str]:
         return []
 
 
+def start_ranks(requested_device: str) -> tuple[Ranks, Any]:
+    """The processes a launcher (torchrun, srun, mpirun, jsrun) started for this run, with
+    their process group set up; one process and no group without a launcher."""
+    from experiments.world import init_distributed, world_info_from_env
+
+    info = world_info_from_env()
+    if info.world_size == 1:
+        return Ranks(), None
+    context = init_distributed(info, device=requested_device)
+    ranks = Ranks(
+        world_size=context.world_size, rank=context.rank, launcher=context.launcher, backend=context.backend,
+        hosts=tuple(context.hosts), device=str(context.device), threads=context.threads,
+    )
+    return ranks, context
+
+
 @hydra.main(config_path=str(CONFIG_DIR), config_name=CONFIG_NAME, version_base="1.3")
 def main(cfg: DictConfig) -> None:
     worker = HydraConfig.get().mode == RunMode.MULTIRUN
+    context = None
     try:
-        execute(cfg, worker=worker)
+        ranks, context = (Ranks(), None) if worker else start_ranks(str(cfg.train.device))
+        if not ranks.main:
+            for logger in (log, progress_log):
+                logger.propagate = False  # rank 0 speaks for the run
+        execute(cfg, worker=worker, ranks=ranks)
     except RunPreempted as stopped:
         print(f"{stopped}", file=sys.stderr, flush=True)
         if worker:
@@ -488,6 +510,9 @@ def main(cfg: DictConfig) -> None:
         if worker:
             raise  # the launcher reports the failed job with its overrides
         sys.exit(f"error: {error}")
+    finally:
+        if context is not None:
+            context.close()
 
 
 if __name__ == "__main__":

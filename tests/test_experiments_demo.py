@@ -43,8 +43,8 @@ def test_demo_trains_three_variants_then_prints_the_table_and_writes_the_figure(
 
 
 def test_demo_rejects_a_bad_override_before_running_anything(tmp_path, capsys):
-    assert demo.main(["--seeds", "1", f"output.root={tmp_path}", "accel.relaxation=2"]) == 2
-    assert "accel.relaxation" in capsys.readouterr().err
+    assert demo.main(["--seeds", "1", f"output.root={tmp_path}", "method.aadl.relaxation=2"]) == 2
+    assert "method.aadl.relaxation" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
 

@@ -291,3 +291,9 @@ def test_sigterm_to_a_sweep_stops_its_workers_and_marks_their_runs_preempted(dat
         assert json.loads((run / "meta.json").read_text())["status"] == "preempted"
         assert f"preempted by SIGTERM: {run}" in stderr
     assert "sweep stopped by SIGTERM" in stderr and "Traceback" not in stderr
+
+
+def test_a_history_too_large_for_memory_is_one_line_before_the_run_directory_exists(run_in, tmp_path):
+    with pytest.raises(RunError, match="not enough memory.*history"):
+        run_in("method=aadl", "method.aadl.history=10000000", "train.epochs=1")
+    assert not (tmp_path / "runs").exists()

@@ -7,6 +7,7 @@ Adding a method is one line here plus its module and ``configs/method/<choice>.y
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from experiments.registry import Registry
 
@@ -23,15 +24,32 @@ METHODS = Registry(
 SETTINGS_NODE = "method_settings"
 
 
+def settings_node() -> type:
+    """``{<method>: <its config_node>}`` for every registered method, as one dataclass;
+    importable as ``experiments.methods.MethodSettings`` so that composed configs pickle
+    (the demo sends them to worker processes)."""
+    nodes = tuple((name, METHODS.get(name).config_node()) for name in METHODS.names())
+    return _settings_node(tuple((name, node) for name, node in nodes if node is not None))
+
+
+@functools.cache
+def _settings_node(nodes: tuple[tuple[str, type], ...]) -> type:
+    fields = [(name, node, dataclasses.field(default_factory=node)) for name, node in nodes]
+    node = dataclasses.make_dataclass("MethodSettings", fields)
+    node.__module__ = __name__
+    return node
+
+
+def __getattr__(name: str) -> type:
+    if name == "MethodSettings":
+        return settings_node()
+    raise AttributeError(name)
+
+
 def register_settings_node() -> None:
     """Store ``{<method>: <its config_node>}`` for every registered method in Hydra's
     ConfigStore (``configs/config.yaml`` composes it into ``method``). Called before each
     composition, so a method registered at run time (a test's toy method) is included."""
     from hydra.core.config_store import ConfigStore
 
-    fields = []
-    for name in METHODS.names():
-        node = METHODS.get(name).config_node()
-        if node is not None:
-            fields.append((name, node, dataclasses.field(default_factory=node)))
-    ConfigStore.instance().store(name=SETTINGS_NODE, node=dataclasses.make_dataclass("MethodSettings", fields))
+    ConfigStore.instance().store(name=SETTINGS_NODE, node=settings_node())

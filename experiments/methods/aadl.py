@@ -8,6 +8,7 @@ ranges (``aadl.validate_settings``), so no name, default or range is repeated he
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import types
 import typing
@@ -27,18 +28,7 @@ class AADL(Method):
 
     @classmethod
     def config_node(cls) -> type:
-        """``aadl.AndersonSettings`` itself, with ``X | None`` spelt ``Optional[X]`` for OmegaConf."""
-        from aadl import AndersonSettings
-
-        hints = typing.get_type_hints(AndersonSettings)
-        fields = []
-        for f in dataclasses.fields(AndersonSettings):
-            kind = hints[f.name]
-            if isinstance(kind, types.UnionType) and type(None) in kind.__args__:
-                (kind,) = [arg for arg in kind.__args__ if arg is not type(None)]
-                kind = Optional[kind]
-            fields.append((f.name, kind, dataclasses.field(default=f.default)))
-        return dataclasses.make_dataclass("AADLConfig", fields)
+        return _config_node()
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any], prefix: str) -> "AADL":
@@ -70,6 +60,31 @@ class AADL(Method):
     def counter_values(self, optimizer: Any) -> dict[str, int]:
         stats = optimizer.stats.as_dict()
         return {name: int(stats[name]) for name in COUNTERS}
+
+
+@functools.cache
+def _config_node() -> type:
+    """``aadl.AndersonSettings`` itself, with ``X | None`` spelt ``Optional[X]`` for OmegaConf;
+    importable as ``experiments.methods.aadl.AADLConfig`` so that composed configs pickle."""
+    from aadl import AndersonSettings
+
+    hints = typing.get_type_hints(AndersonSettings)
+    fields = []
+    for f in dataclasses.fields(AndersonSettings):
+        kind = hints[f.name]
+        if isinstance(kind, types.UnionType) and type(None) in kind.__args__:
+            (kind,) = [arg for arg in kind.__args__ if arg is not type(None)]
+            kind = Optional[kind]
+        fields.append((f.name, kind, dataclasses.field(default=f.default)))
+    node = dataclasses.make_dataclass("AADLConfig", fields)
+    node.__module__ = __name__
+    return node
+
+
+def __getattr__(name: str) -> Any:
+    if name == "AADLConfig":
+        return _config_node()
+    raise AttributeError(name)
 
 
 def _named_setting(message: str, names: tuple[str, ...], prefix: str) -> str:
