@@ -588,7 +588,9 @@ def _visible_devices(environ: Mapping[str, str]) -> list[str] | None:
 
 
 def choose_device(info: WorldInfo, requested: str = "auto", environ: Mapping[str, str] | None = None):
-    """The torch device this rank should use: ``requested`` is "cpu", "cuda" or "auto".
+    """The torch device this rank should use: ``requested`` is "cpu", "cuda" or "auto"
+    (or "cuda:N", the harness's single-process setting, refused for several ranks since
+    it would put every rank on GPU N).
 
     "auto" means CUDA when torch sees a GPU, else CPU; "cuda" without a GPU is an error.
     On CUDA: ``cuda:0`` when this process sees exactly one GPU (jsrun -g 1, srun
@@ -599,8 +601,18 @@ def choose_device(info: WorldInfo, requested: str = "auto", environ: Mapping[str
     import torch
 
     environ = os.environ if environ is None else environ
+    pinned = re.fullmatch(r"cuda:(\d+)", requested)
+    if pinned is not None:
+        if info.world_size > 1:
+            raise WorldError(
+                f"device {requested!r} would put all {info.world_size} ranks on one GPU: "
+                "use 'cuda' or 'auto' (each rank takes its local GPU)", info.variables,
+            )
+        if not torch.cuda.is_available():
+            raise WorldError(f"device {requested!r} was requested but torch sees no GPU", info.variables)
+        return torch.device(requested)
     if requested not in ("cpu", "cuda", "auto"):
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', not {requested!r}")
+        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', not {requested!r}")
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():

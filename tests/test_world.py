@@ -377,6 +377,8 @@ def test_choose_device_on_cpu():
             world.choose_device(info, "cuda")
     with pytest.raises(ValueError):
         world.choose_device(info, "gpu")
+    with pytest.raises(WorldError, match="all 2 ranks on one GPU"):
+        world.choose_device(info, "cuda:1")
     assert world.choose_backend(torch.device("cpu")) == "gloo"
 
 
@@ -397,6 +399,8 @@ def test_choose_device_with_gpus(monkeypatch, count, local_rank, expected):
     else:
         assert str(world.choose_device(info, "auto", {})) == expected
         assert str(world.choose_device(info, "cuda", {})) == expected
+    alone = WorldInfo(0, 1, 0, 1, "single")
+    assert str(world.choose_device(alone, "cuda:1", {})) == "cuda:1"  # one process may pin a GPU
 
 
 def test_default_threads(monkeypatch):
