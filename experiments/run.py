@@ -50,6 +50,7 @@ from experiments.results import (
     run_metadata,
 )
 from experiments.validation import ValidatedRun, validate
+from experiments.world import WorldError
 
 from experiments.methods import register_settings_node
 
@@ -478,7 +479,7 @@ def _cmdline(process: Any) -> list[str]:
 def start_ranks(requested_device: str) -> tuple[Ranks, Any]:
     """The processes a launcher (torchrun, srun, mpirun, jsrun) started for this run, with
     their process group set up; one process and no group without a launcher."""
-    from experiments.world import init_distributed, world_info_from_env
+    from experiments.world import default_threads, init_distributed, world_info_from_env
 
     info = world_info_from_env()
     if info.world_size == 1:
@@ -486,7 +487,7 @@ def start_ranks(requested_device: str) -> tuple[Ranks, Any]:
     context = init_distributed(info, device=requested_device)
     ranks = Ranks(
         world_size=context.world_size, rank=context.rank, launcher=context.launcher, backend=context.backend,
-        hosts=tuple(context.hosts), device=str(context.device), threads=context.threads,
+        hosts=tuple(context.hosts), device=str(context.device), threads=default_threads(info),
     )
     return ranks, context
 
@@ -506,7 +507,7 @@ def main(cfg: DictConfig) -> None:
         if worker:
             os._exit(PREEMPTED_EXIT)  # a pool worker would otherwise outlive its sweep
         sys.exit(PREEMPTED_EXIT)
-    except HarnessError as error:
+    except (HarnessError, WorldError) as error:
         if worker:
             raise  # the launcher reports the failed job with its overrides
         sys.exit(f"error: {error}")

@@ -1,0 +1,109 @@
+"""Every experiment under real launchers: the same ``python -m experiments.run`` started
+by torchrun or mpirun on 2 gloo ranks trains what 1 process trains (to 1e-6), with both
+AADL layouts; only rank 0 writes the run directory, which records the ranks; a 2-rank run
+stopped by a signal checkpoints every rank and resumes bit for bit."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import REPO_ROOT
+from experiments.run import PREEMPTED_EXIT, execute
+
+pytestmark = pytest.mark.distributed
+
+VENV_BIN = Path(sys.executable).parent
+GRADUATE_FULL_BATCH = ("problem.batch_size=400", "train.epochs=6")
+BURGERS = ("experiment=burgers2d", "train.iterations=12", "train.eval_every=3", "method.aadl.frequency=2", "method.aadl.store_every=1")
+
+
+def launcher_command(launcher: str) -> list[str]:
+    if launcher == "torchrun":
+        return [str(VENV_BIN / "torchrun"), "--standalone", "--nproc-per-node=2", "-m", "experiments.run"]
+    mpirun = shutil.which("mpirun")
+    if mpirun is None:
+        pytest.fail("mpirun is not installed: run .ci/system-packages (Debian's Open MPI)")
+    return [mpirun, "--allow-run-as-root", "--oversubscribe", "-np", "2", sys.executable, "-m", "experiments.run"]
+
+
+def launch(launcher: str, overrides, root: Path, **popen) -> subprocess.CompletedProcess:
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "CI": "1"}
+    command = [*launcher_command(launcher), *overrides, f"output.root={root}", f"hydra.run.dir={root / 'hydra'}"]
+    return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def single(compose, overrides, root: Path) -> Path:
+    return execute(compose(*overrides, f"output.root={root}", "train.threads=1")).path
+
+
+@pytest.mark.parametrize(
+    "launcher, problem, layout",
+    [
+        ("torchrun", GRADUATE_FULL_BATCH, "replicated"),
+        ("torchrun", GRADUATE_FULL_BATCH, "sharded"),
+        ("torchrun", BURGERS, "replicated"),
+        ("mpirun", GRADUATE_FULL_BATCH, "sharded"),
+        ("mpirun", BURGERS, "sharded"),
+    ],
+    ids=["torchrun-graduate-replicated", "torchrun-graduate-sharded", "torchrun-burgers-replicated",
+         "mpirun-graduate-sharded", "mpirun-burgers-sharded"],
+)
+def test_two_ranks_train_what_one_process_trains(compose, tmp_path, launcher, problem, layout):
+    overrides = ("method=aadl_ma", f"method.aadl.distributed={layout}", *problem)
+    reference = single(compose, overrides, tmp_path / "one")
+    done = launch(launcher, overrides, tmp_path / "two")
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    (path,) = list((tmp_path / "two").rglob("seed=0"))
+    assert path.relative_to(tmp_path / "two") == reference.relative_to(tmp_path / "one")  # same identity
+    one, two = pd.read_csv(reference / "metrics.csv"), pd.read_csv(path / "metrics.csv")
+    assert len(one) == len(two)
+    for column in ("train_loss", "val_loss"):
+        np.testing.assert_allclose(two[column], one[column], rtol=1e-6, atol=1e-9, equal_nan=True)
+    assert (two[["aa_attempts", "aa_accepted", "averages_applied"]] == one[["aa_attempts", "aa_accepted", "averages_applied"]]).all().all()
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["backend"] == "gloo" and len(meta["hosts"]) == 2
+    assert meta["launcher"] == ("torchrun" if launcher == "torchrun" else "openmpi")
+    assert not list(path.glob("*rank1*")) and not (path / "checkpoints").exists()
+
+
+def test_a_signal_to_two_ranks_checkpoints_both_and_the_rerun_resumes_bit_for_bit(compose, tmp_path):
+    overrides = ("method=aadl_ma", "method.aadl.distributed=sharded", "problem.batch_size=200", "train.epochs=40")
+    reference_root = tmp_path / "reference"
+    done = launch("torchrun", overrides, reference_root)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    root = tmp_path / "stopped"
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "CI": "1"}
+    command = [*launcher_command("torchrun"), *overrides, f"output.root={root}", f"hydra.run.dir={root / 'h'}"]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        files = list(root.rglob("metrics.csv"))
+        if files and len(files[0].read_text().splitlines()) >= 6:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)  # torchrun passes it to both ranks
+    _, stderr = process.communicate(timeout=120)
+    (path,) = list(root.rglob("seed=0"))
+    meta = json.loads((path / "meta.json").read_text())
+    if meta["status"] == "complete":
+        pytest.skip("the run finished before the signal arrived")
+    assert meta["status"] == "preempted", stderr[-3000:]
+    names = sorted(p.name for p in (path / "checkpoints").iterdir())
+    assert any("rank0" in n for n in names) and any("rank1" in n for n in names)
+    done = launch("torchrun", overrides, root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (reference,) = list(reference_root.rglob("seed=0"))
+    left, right = pd.read_csv(reference / "metrics.csv"), pd.read_csv(path / "metrics.csv")
+    pd.testing.assert_frame_equal(left.drop(columns="wall_time"), right.drop(columns="wall_time"), check_exact=True)
