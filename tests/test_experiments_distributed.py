@@ -107,3 +107,36 @@ def test_a_signal_to_two_ranks_checkpoints_both_and_the_rerun_resumes_bit_for_bi
     (reference,) = list(reference_root.rglob("seed=0"))
     left, right = pd.read_csv(reference / "metrics.csv"), pd.read_csv(path / "metrics.csv")
     pd.testing.assert_frame_equal(left.drop(columns="wall_time"), right.drop(columns="wall_time"), check_exact=True)
+
+
+def test_kill_9_of_two_ranks_then_rerun_is_bit_identical(tmp_path):
+    overrides = ("method=aadl_ma", "method.aadl.distributed=sharded", "problem.batch_size=200", "train.epochs=30", "checkpoint.every=2")
+    reference_root = tmp_path / "reference"
+    assert launch("torchrun", overrides, reference_root).returncode == 0
+    root = tmp_path / "killed"
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "CI": "1"}
+    command = [*launcher_command("torchrun"), *overrides, f"output.root={root}", f"hydra.run.dir={root / 'h'}"]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        files = list(root.rglob("metrics.csv"))
+        if files and len(files[0].read_text().splitlines()) >= 10:
+            break
+        time.sleep(0.05)
+    import psutil
+
+    # The launcher and both ranks at once (torchrun starts its workers in sessions of their own).
+    family = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+    for member in family:
+        member.send_signal(signal.SIGKILL)
+    psutil.wait_procs(family, timeout=30)
+    process.wait()
+    (path,) = list(root.rglob("seed=0"))
+    if (path / "COMPLETE").exists():
+        pytest.skip("the run finished before the kill")
+    done = launch("torchrun", overrides, root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((path / "meta.json").read_text()).get("resumed")
+    (reference,) = list(reference_root.rglob("seed=0"))
+    left, right = pd.read_csv(reference / "metrics.csv"), pd.read_csv(path / "metrics.csv")
+    pd.testing.assert_frame_equal(left.drop(columns="wall_time"), right.drop(columns="wall_time"), check_exact=True)
