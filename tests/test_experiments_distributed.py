@@ -20,6 +20,7 @@ import pytest
 
 from conftest import REPO_ROOT
 from experiments.run import PREEMPTED_EXIT, execute
+from slurm_cluster import slurm  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.distributed
 
@@ -140,3 +141,59 @@ def test_kill_9_of_two_ranks_then_rerun_is_bit_identical(tmp_path):
     (reference,) = list(reference_root.rglob("seed=0"))
     left, right = pd.read_csv(reference / "metrics.csv"), pd.read_csv(path / "metrics.csv")
     pd.testing.assert_frame_equal(left.drop(columns="wall_time"), right.drop(columns="wall_time"), check_exact=True)
+
+
+@pytest.mark.slurm
+def test_srun_inside_sbatch_trains_what_one_process_trains(compose, tmp_path, slurm):  # noqa: F811
+    """Two srun tasks of a real Slurm job (``srun --mpi=pmix``: no OMPI_* variables) are one run."""
+    import shlex
+
+    overrides = ("method=aadl_ma", "method.aadl.distributed=sharded", *GRADUATE_FULL_BATCH)
+    reference = single(compose, overrides, tmp_path / "one")
+    root = tmp_path / "two"
+    arguments = " ".join(shlex.quote(a) for a in (*overrides, f"output.root={root}", f"hydra.run.dir={root / 'h'}"))
+    script = f"""#!/bin/bash
+#SBATCH -n 2
+#SBATCH -t 5
+cd {shlex.quote(str(REPO_ROOT))}
+export OMP_NUM_THREADS=1 CI=1
+srun --mpi=pmix -n 2 {shlex.quote(sys.executable)} -m experiments.run {arguments}
+"""
+    job = slurm.submit(script, cwd=tmp_path, extra_args=("-o", str(tmp_path / "job.out")))
+    end = slurm.wait(job, timeout=240)
+    log = (tmp_path / "job.out").read_text() if (tmp_path / "job.out").exists() else ""
+    assert (end.state, end.exit_code) == ("COMPLETED", 0), log[-3000:]
+    (path,) = list(root.rglob("seed=0"))
+    one, two = pd.read_csv(reference / "metrics.csv"), pd.read_csv(path / "metrics.csv")
+    np.testing.assert_allclose(two["val_loss"], one["val_loss"], rtol=1e-6)
+    meta = json.loads((path / "meta.json").read_text())
+    assert (meta["world_size"], meta["launcher"]) == (2, "slurm")
+
+
+@pytest.mark.slurm
+def test_scancel_signal_usr1_checkpoints_the_job_and_marks_it_preempted(tmp_path, slurm):  # noqa: F811
+    import shlex
+
+    root = tmp_path / "runs"
+    arguments = " ".join(shlex.quote(a) for a in ("method=aadl", "train.epochs=100000", f"output.root={root}", f"hydra.run.dir={root / 'h'}"))
+    script = f"""#!/bin/bash
+#SBATCH -n 1
+#SBATCH -t 5
+cd {shlex.quote(str(REPO_ROOT))}
+export OMP_NUM_THREADS=1 CI=1
+exec {shlex.quote(sys.executable)} -m experiments.run {arguments}
+"""
+    job = slurm.submit(script, cwd=tmp_path, extra_args=("-o", str(tmp_path / "job.out")))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        files = list(root.rglob("metrics.csv"))
+        if files and len(files[0].read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.1)
+    slurm.cancel(job, "USR1")
+    end = slurm.wait(job, timeout=120)
+    assert end.exit_code == PREEMPTED_EXIT, (tmp_path / "job.out").read_text()[-3000:]
+    (path,) = list(root.rglob("seed=0"))
+    assert json.loads((path / "meta.json").read_text())["status"] == "preempted"
+    assert list((path / "checkpoints").glob("step-*.pt"))
+    assert "preempted by SIGUSR1" in (tmp_path / "job.out").read_text()
