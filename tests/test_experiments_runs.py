@@ -145,7 +145,7 @@ def test_interrupted_run_is_never_read_as_complete_and_is_redone(short_run, tmp_
     results = load_results(tmp_path / "runs")
     assert results.runs["variant"].tolist() == ["Adam"]
     assert set(results.metrics["variant"]) == {"Adam"}
-    assert results.incomplete == [interrupted]
+    assert [(issue.path, issue.reason) for issue in results.incomplete] == [(interrupted, "failed")]
 
     redo = short_run("method=aadl")  # not skipped: it starts again from scratch
     assert redo.status == "completed" and redo.path == interrupted
