@@ -57,14 +57,14 @@ def test_sweep_command_tabulates_and_plots_final_metric_per_combination(tmp_path
     root = tmp_path / "sweep"
     for history in (5, 10, 20):
         for seed in range(3):
-            write_run(root, variant="Adam+AADL", seed=seed, val_loss=[1.0, history * 1e-3 * (1 + 0.1 * seed)], identity={"accel.history": history})
+            write_run(root, variant="Adam+AADL", seed=seed, val_loss=[1.0, history * 1e-3 * (1 + 0.1 * seed)], identity={"method.aadl.history": history})
     for seed in range(3):
         write_run(root, variant="Adam", seed=seed, val_loss=[1.0, 0.05])
     out = tmp_path / "figures"
     assert figures.main(["sweep", str(root), "--out", str(out)]) == 0
     table = pd.read_csv(out / "sweep_sweep_summary.csv")
     swept = table[table.variant == "Adam+AADL"]
-    assert swept["accel.history"].tolist() == [5, 10, 20]
+    assert swept["method.aadl.history"].tolist() == [5, 10, 20]
     assert swept["final_mean"].tolist() == pytest.approx([h * 1e-3 * 1.1 for h in (5, 10, 20)])
     assert (out / "sweep_sweep.png").read_bytes().startswith(PNG_MAGIC)
 
@@ -83,7 +83,7 @@ def test_sweep_over_two_keys_plots_one_bar_per_combination(tmp_path, write_run):
         for relaxation in (0.5, 1.0):
             for seed in range(2):
                 write_run(tmp_path, variant="Adam+AADL", seed=seed, val_loss=[1.0, history * relaxation],
-                          identity={"accel.history": history, "accel.relaxation": relaxation})
+                          identity={"method.aadl.history": history, "method.aadl.relaxation": relaxation})
     report = figures.sweep_report(tmp_path)
     labels = [tick.get_text() for tick in report.figure.axes[0].get_yticklabels()]
     assert labels == [f"Adam+AADL (history={h}, relaxation={r})" for h in (5, 10) for r in (0.5, 1.0)]

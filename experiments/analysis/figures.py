@@ -297,7 +297,7 @@ def plot_sweep(table: pd.DataFrame, varying: list[str], *, ylabel: str, title: s
             values = table[key].dropna().to_numpy(float)
             if len(values) and values.min() > 0 and values.max() / values.min() >= 20:
                 axes.set_xscale("log")
-            axes.set_xlabel(key.removeprefix("accel."))
+            axes.set_xlabel(aggregate.label_key(key))
             axes.set_ylabel(ylabel)
             axes.set_yscale("log")
             axes.legend()
