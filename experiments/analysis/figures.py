@@ -10,6 +10,11 @@ Each command writes ``<name>.png`` and ``<name>.pdf`` plus a summary table as CS
 and Markdown (``mean [95% CI]``) into ``--out`` (default results/figures) and prints the
 table. The notebooks call the same functions (``figure_report``).
 
+Only good runs are drawn (see ``aggregate``): a damaged or incomplete run is named in a
+warning and left out, and the figure is drawn from the rest; the caption says how many
+seeds of each configuration diverged and how many runs were left out. The command exits
+with 1 and one line of explanation only when no run is usable.
+
 Figures are built with matplotlib's object API (``Figure``, not pyplot) and rendered by
 Agg, so nothing here depends on a display or on the global pyplot state.
 """
@@ -23,7 +28,7 @@ import sys
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import matplotlib
 import numpy as np
@@ -37,8 +42,11 @@ DEFAULT_OUTPUT_ROOT = Path("results/runs")
 DEFAULT_FIGURE_DIR = Path("results/figures")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-#: Legend colours by variant suffix, the same in every figure.
-VARIANT_COLOURS = {0: "tab:blue", 1: "tab:orange", 2: "tab:green"}
+#: Colours by the method's legend_order (meta.json), so that a method has the same colour
+#: in every figure: the base optimizer alone, +AADL, +AADL+MA; other orders cycle "C<n>".
+LEGEND_COLOURS = {0: "tab:blue", 1: "tab:orange", 2: "tab:green"}
+#: Line styles of the configurations that share a colour (a sweep of one method).
+LINE_STYLES = ("-", "--", ":", "-.")
 
 STYLE = {
     "font.size": 13,
@@ -204,17 +212,21 @@ def curves_report(
     x = x or _default_x(results)
     curve_table = aggregate.curves(results, metric, x)
     table = aggregate.summary(results, metric, x, threshold, also=also)
-    notes = [caveat.text for caveat in caveats if caveat.applies(results)]
-    seeds = int(results.runs.groupby("label").size().max())
+    notes = [caveat.text for caveat in caveats if caveat.applies(results)] + aggregate.left_out_notes(results, table)
+    # Runs whose final value is not finite are in the summary's diverged count, not drawn.
+    drawn = set(table.loc[table["runs"] > 0, "label"])
+    if not drawn:
+        raise ResultsError(f"no good run in {source} has a finite final {metric}: nothing to draw")
     figure = plot_curves(
-        curve_table,
-        labels=results.labels,
+        curve_table[curve_table["label"].isin(drawn)],
+        labels=[label for label in results.labels if label in drawn],
         x=x,
         xlabel=xlabel,
         ylabel=ylabel or metric,
         title=title or str(source),
-        note=f"mean and 95% CI over {seeds} seed{'s' if seeds != 1 else ''}",
+        note=f"mean and 95% CI over {_seed_counts(table)}",
         caption=notes,
+        orders=results.legend_orders,
     )
     return Report(results, curve_table, table, figure, notes)
 
@@ -224,8 +236,17 @@ def sweep_report(results_dir: Path | str, *, metric: str = "val_loss", x: str | 
     results = aggregate.load_results(results_dir)
     x = x or _default_x(results)
     table = aggregate.summary(results, metric, x)
-    figure = plot_sweep(table, results.varying, ylabel=f"final {metric}", title=str(results_dir))
-    return Report(results, aggregate.curves(results, metric, x), table, figure)
+    notes = aggregate.left_out_notes(results, table)
+    figure = plot_sweep(table, results.varying, ylabel=f"final {metric}", title=str(results_dir), caption=notes,
+                        orders=dict(zip(results.configurations["variant"], results.configurations["legend_order"])))
+    return Report(results, aggregate.curves(results, metric, x), table, figure, notes)
+
+
+def _seed_counts(table: pd.DataFrame) -> str:
+    """"3 seeds", or "18-20 seeds" where configurations rest on different numbers of runs."""
+    counts = table.loc[table["runs"] > 0, "runs"]
+    low, high = int(counts.min()), int(counts.max())
+    return (f"{low}" if low == high else f"{low}-{high}") + f" seed{'s' if high != 1 else ''}"
 
 
 FIGURE_SIZE = (7.0, 4.5)  # inches, without a caption
@@ -256,14 +277,22 @@ def plot_curves(
     note: str,
     xlabel: str | None = None,
     caption: Sequence[str] = (),
+    orders: Mapping[str, int] | None = None,
 ) -> Figure:
+    """Mean curves with CI bands, one per label; ``orders`` (label -> legend_order, default
+    the labels' positions) chooses colours, so a method keeps its colour across figures."""
+    orders = orders or {label: index for index, label in enumerate(labels)}
     with matplotlib.rc_context(STYLE):
         figure, axes = _new_figure(caption)
-        for index, label in enumerate(labels):
+        shared: dict[int, int] = {}  # legend_order -> configurations drawn in its colour so far
+        for label in labels:
             line = curve_table[curve_table.label == label]
-            colour = _colour(label, index)
+            order = orders[label]
+            style = LINE_STYLES[shared.get(order, 0) % len(LINE_STYLES)]
+            shared[order] = shared.get(order, 0) + 1
+            colour = legend_colour(order)
             xs = line[x].to_numpy(float)
-            axes.plot(xs, line["mean"].to_numpy(float), color=colour, label=label)
+            axes.plot(xs, line["mean"].to_numpy(float), color=colour, linestyle=style, label=label)
             axes.fill_between(xs, line["low"].to_numpy(float), line["high"].to_numpy(float), color=colour, alpha=0.25, linewidth=0)
         axes.set_yscale("log")
         # A t interval can reach below zero (a few seeds spiking); on a log axis its band
@@ -278,17 +307,25 @@ def plot_curves(
     return figure
 
 
-def plot_sweep(table: pd.DataFrame, varying: list[str], *, ylabel: str, title: str) -> Figure:
+def plot_sweep(
+    table: pd.DataFrame,
+    varying: list[str],
+    *,
+    ylabel: str,
+    title: str,
+    caption: Sequence[str] = (),
+    orders: Mapping[str, int] | None = None,
+) -> Figure:
     """With one numeric swept key: the final metric against it, one line per variant (a
     variant the key does not apply to, such as the base optimizer, is a dashed level).
-    Otherwise: one error bar per configuration."""
+    Otherwise: one error bar per configuration. ``orders``: variant -> legend_order."""
     numeric = [k for k in varying if pd.api.types.is_numeric_dtype(table[k])]
     with matplotlib.rc_context(STYLE):
-        figure, axes = _new_figure()
+        figure, axes = _new_figure(caption)
         if len(varying) == 1 and numeric:
             key = numeric[0]
             for index, (variant, group) in enumerate(table.groupby("variant", sort=False)):
-                colour = _colour(variant, index)
+                colour = legend_colour((orders or {}).get(variant, index))
                 swept = group[group[key].notna()].sort_values(key)
                 if len(swept):
                     axes.errorbar(swept[key].to_numpy(float), swept["final_mean"].to_numpy(float), yerr=_error_bars(swept), marker="o", capsize=4, color=colour, label=variant)
@@ -318,9 +355,9 @@ def _error_bars(table: pd.DataFrame) -> np.ndarray:
     return np.vstack([low, high])
 
 
-def _colour(label: str, index: int) -> str:
-    variant = label.split(" (")[0]
-    return VARIANT_COLOURS.get(variant.count("+"), f"C{index}")
+def legend_colour(order: int) -> str:
+    """The colour of a method by its legend_order: the same in every figure."""
+    return LEGEND_COLOURS.get(order, f"C{order % 10}")
 
 
 def _default_x(results: Results) -> str:
