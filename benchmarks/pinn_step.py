@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from experiments.analysis.figures import FIGURES
 from experiments.compose import compose, preset_sweep
 from experiments.problems import PROBLEMS
 from experiments.problems.burgers.problem import Burgers2D, Burgers100D, BurgersProblem
@@ -59,7 +60,8 @@ class Preset:
         return f"Fig. {self.name.removeprefix('fig')}"
 
 
-PRESET_NAMES = ("fig2", "fig3")
+#: The paper figures of the Burgers problems (their presets: experiments.analysis.figures).
+PRESET_NAMES = tuple(name for name, spec in FIGURES.items() if spec.experiment.startswith("burgers"))
 
 
 def median_seconds(

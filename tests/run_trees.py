@@ -147,11 +147,15 @@ def write_fig1_synthetic(root: Path) -> Path:
 
 
 #: The config keys of each paper preset's runs that decide which caveats its figure carries.
-PRESET_IDENTITY = {
-    "fig1": {},
-    "fig2": {"problem.activation": "relu"},
-    "fig3": {"problem.activation": "relu", "problem.solution_scale": "paper"},
-}
+def _preset_identity() -> dict[str, dict]:
+    from experiments.analysis.figures import FIGURES
+
+    return {name: {caveat.key: caveat.value for caveat in spec.caveats} for name, spec in FIGURES.items()}
+
+
+#: The config keys of each paper preset's runs that decide which caveats its figure carries
+#: (tests/test_experiments_config.py checks that the presets really have these values).
+PRESET_IDENTITY = _preset_identity()
 
 
 def write_paper_synthetic(root: Path, figure: str) -> Path:

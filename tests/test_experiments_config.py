@@ -202,3 +202,17 @@ def test_burgers_problem_values_out_of_range_are_config_errors(compose, override
     with pytest.raises(ConfigError) as error:
         validate(compose("experiment=burgers2d", override))
     assert error.value.key == key and str(error.value).startswith(f"{key}: ")
+
+
+@pytest.mark.parametrize("figure", sorted(__import__("experiments.analysis.figures", fromlist=["FIGURES"]).FIGURES))
+def test_each_paper_figure_reads_its_facts_from_its_preset(compose, figure):
+    """The figure code, the tests' synthetic runs and the benchmarks take a figure's
+    experiment, run directory and caveat keys from one place; the preset agrees."""
+    from experiments.analysis.figures import FIGURES
+    from run_trees import PRESET_IDENTITY
+
+    spec = FIGURES[figure]
+    cfg = compose(f"+paper={spec.preset}")
+    assert (spec.experiment, spec.run_name) == (cfg.experiment, cfg.output.name)
+    identity = validate(cfg).identity
+    assert all(identity[key] == value for key, value in PRESET_IDENTITY[figure].items())
