@@ -34,10 +34,10 @@ def settings_node() -> type:
 
 @functools.cache
 def _settings_node(nodes: tuple[tuple[str, type], ...]) -> type:
+    from experiments.methods.base import config_dataclass
+
     fields = [(name, node, dataclasses.field(default_factory=node)) for name, node in nodes]
-    node = dataclasses.make_dataclass("MethodSettings", fields)
-    node.__module__ = __name__
-    return node
+    return config_dataclass("MethodSettings", fields, __name__)
 
 
 def __getattr__(name: str) -> type:

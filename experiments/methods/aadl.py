@@ -15,7 +15,7 @@ import typing
 from typing import Any, Mapping, Optional
 
 from experiments.errors import ConfigError, unknown_key
-from experiments.methods.base import Method
+from experiments.methods.base import Method, config_dataclass
 
 #: The wrapper's counters (keys of ``opt.stats.as_dict()``), cumulative, logged per row.
 COUNTERS = ("aa_attempts", "aa_accepted", "averages_applied")
@@ -76,9 +76,7 @@ def _config_node() -> type:
             (kind,) = [arg for arg in kind.__args__ if arg is not type(None)]
             kind = Optional[kind]
         fields.append((f.name, kind, dataclasses.field(default=f.default)))
-    node = dataclasses.make_dataclass("AADLConfig", fields)
-    node.__module__ = __name__
-    return node
+    return config_dataclass("AADLConfig", fields, __name__)
 
 
 def __getattr__(name: str) -> Any:

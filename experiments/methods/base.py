@@ -19,6 +19,14 @@ from experiments.errors import ConfigError, unknown_key
 CLOSURE_KINDS = ("none", "loss")
 
 
+def config_dataclass(name: str, fields: list, module: str) -> type:
+    """A dataclass made at run time for Hydra's ConfigStore, named as ``module.name`` so that
+    composed configs holding it can be pickled (the module must return it from ``__getattr__``)."""
+    node = dataclasses.make_dataclass(name, fields)
+    node.__module__ = module
+    return node
+
+
 class Method(abc.ABC):
     name: ClassVar[str]  # registry name, the value of ``method.name``
     closure: ClassVar[str] = "none"  # one of CLOSURE_KINDS
