@@ -38,7 +38,7 @@ SCRIPT_VARIABLES = (
     "OVERRIDES", "PYTHON", "LOG_DIR", "HYDRA_DIR", "SBATCH_ARGS", "BSUB_ARGS", "EXPERIMENT",
     "NODES", "GPUS_PER_NODE", "TASKS_PER_NODE", "SIGNAL_SECONDS", "MAX_REQUEUES", "SRUN_MPI",
     "WARN_MINUTES", "CORES_PER_RS", "GPUS_PER_RS", "STAGE_DATA", "ALLOC_FLAGS", "MAX_RESUBMITS",
-    "CORES", "DRY_RUN", "AADL_SUBMIT", "AADL_REPO", "MASTER_ADDR", "MASTER_PORT",
+    "CORES", "SITE_SETUP", "DRY_RUN", "AADL_SUBMIT", "AADL_REPO", "MASTER_ADDR", "MASTER_PORT",
 )
 TINY_BURGERS = ("train.iterations=12", "train.eval_every=3", "method=aadl", "method.aadl.frequency=2", "method.aadl.store_every=1")
 
@@ -213,14 +213,17 @@ def test_lsf_ddp_jsrun_line_trains_two_ranks_like_one_process(compose, tmp_path)
     compute = os.uname().nodename
     hosts.write_text(f"batch3\n{compute}\n{compute}\n")  # the batch node first, as on Summit
     root = tmp_path / "two"
+    setup = tmp_path / "site.sh"
+    setup.write_text('echo "site setup ran"\n')  # stands for `module load ...`
     env = script_env(
-        PATH=f"{STANDIN}:{os.environ['PATH']}", LSB_JOBID="777", LSB_DJOB_HOSTFILE=str(hosts), AADL_REPO=str(REPO_ROOT),
+        SITE_SETUP=str(setup), PATH=f"{STANDIN}:{os.environ['PATH']}", LSB_JOBID="777", LSB_DJOB_HOSTFILE=str(hosts), AADL_REPO=str(REPO_ROOT),
         GPUS_PER_NODE="2", GPUS_PER_RS="0", CORES_PER_RS="1", LOG_DIR=str(tmp_path / "logs"),
         OVERRIDES=" ".join((*TINY_BURGERS, f"output.root={root}")), GLOO_SOCKET_IFNAME="lo", CI="1",
     )
     result = subprocess.run(["bash", str(REPO_ROOT / "lsf/ddp.lsf")], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert f"MASTER_ADDR={compute}:" in result.stdout  # the batch host was dropped
+    assert "site setup ran" in result.stdout
     (path,) = list(root.rglob("seed=0"))
     meta = json.loads((path / "meta.json").read_text())
     assert (meta["world_size"], meta["launcher"]) == (2, "jsrun")
