@@ -49,6 +49,12 @@ def list_checkpoints(run_dir: Path, rank: int | None = None) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
+def any_checkpoints(run_dir: Path) -> list[Path]:
+    """Every checkpoint file of the run, whatever rank or world size wrote it."""
+    folder = Path(run_dir) / DIRECTORY
+    return sorted(p for p in folder.glob("step-*.pt") if _NAME.match(p.name)) if folder.is_dir() else []
+
+
 def save(path: Path, payload: dict[str, Any]) -> None:
     """Write ``payload`` atomically: temp file, fsync, rename, fsync of the folder."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -175,6 +175,9 @@ def execute(cfg: DictConfig, *, worker: bool = False, ranks: Ranks = Ranks()) ->
     with (target.claim() if ranks.main else _held()) as claimed:
         finished = target is final and final.is_complete()  # finished meanwhile
         saved = checkpoint.list_checkpoints(target.path, _rank_suffix(ranks)) if ranks.main else []
+        if ranks.main and not saved and checkpoint.any_checkpoints(target.path):
+            # Saved by another number of processes: load one to refuse it, naming what differs.
+            checkpoint.load(checkpoint.any_checkpoints(target.path)[-1], expected=checkpoint_identity(run, ranks))
         status = parallel.broadcast(
             {"claimed": claimed, "finished": finished, "resume_step": _step_of(saved[-1]) if saved else None}
             if ranks.main else None

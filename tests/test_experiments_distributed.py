@@ -197,3 +197,29 @@ exec {shlex.quote(sys.executable)} -m experiments.run {arguments}
     assert json.loads((path / "meta.json").read_text())["status"] == "preempted"
     assert list((path / "checkpoints").glob("step-*.pt"))
     assert "preempted by SIGUSR1" in (tmp_path / "job.out").read_text()
+
+
+def test_a_checkpoint_of_another_world_size_is_refused_naming_it(compose, tmp_path, monkeypatch):
+    """A 1-process checkpoint is not resumed by 2 ranks (the sharded history and the
+    per-rank RNGs do not re-shard): the run stops with a message naming world_size."""
+    from experiments import run as run_module
+
+    overrides = ("method=aadl_ma", *GRADUATE_FULL_BATCH)
+    calls = {"n": 0}
+    from contextlib import contextmanager
+
+    @contextmanager
+    def stop_at_third_step():
+        def should_stop():
+            calls["n"] += 1
+            return "SIGTERM" if calls["n"] == 3 else None
+
+        yield should_stop
+
+    monkeypatch.setattr(run_module, "stop_on_signals", stop_at_third_step)
+    with pytest.raises(run_module.RunPreempted):
+        execute(compose(*overrides, f"output.root={tmp_path}"))
+    monkeypatch.undo()
+    done = launch("torchrun", overrides, tmp_path)
+    assert done.returncode == 1
+    assert "made for a different run: world_size 1 (this run: 2)" in done.stderr
