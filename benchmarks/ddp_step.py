@@ -22,8 +22,9 @@ The process group is started by the harness's own ``experiments.world.init_distr
    sets it (graduate_admissions: 1), else --threads. Time: median over
    blocks of 10 iterations (a multiple of every preset's p, so AA steps are amortised as
    in a run), each block the slowest rank's, after a warm-up that fills the history;
-   the variants of one experiment alternate block by block; P = 1 and P = 2 launches
-   alternate (twice each in full mode).
+   the variants of one experiment alternate block by block in one launch per experiment
+   (one experiment per process, as in a run); P = 1 and P = 2 launches alternate (twice
+   each in full mode).
 2. The AA step alone at P = 2: AndersonAcceleration(Adam fused) on a flat model of n
    parameters (four tensors of unequal size), m = 20, p = q = 1, safeguard="none" (as in
    benchmarks/aa_step.py: the safeguard's forward passes are the user's model, not AA
@@ -570,8 +571,20 @@ def launch(task: dict, world: int, threads: int, timeout_s: float, attempts: int
     raise AssertionError("unreachable")
 
 
+#: The 1-minute load average at the start of each launch (it still counts the previous
+#: launch's ranks for a while): other work on the machine shows up here.
+LOADS: list[float] = []
+
+
+def _load_range() -> str:
+    text = f"{min(LOADS):.1f}-{max(LOADS):.1f}" if LOADS else "?"
+    LOADS.clear()
+    return text
+
+
 def _launch_once(task: dict, world: int, threads: int, timeout_s: float, port: int, extra_env: dict) -> dict:
     task = dict(task, threads=threads)
+    LOADS.append(os.getloadavg()[0])
     with tempfile.TemporaryDirectory(prefix="ddp_step.") as tmp:
         result = Path(tmp) / "result.json"
         procs, logs = [], []
@@ -626,16 +639,18 @@ def report_training(args) -> None:
     by_world = {world: {} for world in worlds}
     task = dict(kind="train", device=args.device, data_root=str(args.data_root),
                 experiments=args.experiments, warmup=args.warmup, rounds=args.rounds)
-    for _ in range(args.launches):
-        for world in worlds:  # P = 1 and P = 2 launches alternate
-            got = launch(task, world, args.threads, args.timeout)
-            for case in got["cases"]:
-                entry = by_world[world].setdefault((case["experiment"], case["label"]), dict(case, times=[]))
-                entry["times"] += case["times"]
-                entry["finite"] = entry["finite"] and case["finite"]
+    for experiment in args.experiments:  # one experiment per process, as in a run
+        for _ in range(args.launches):
+            for world in worlds:  # P = 1 and P = 2 launches alternate
+                got = launch(dict(task, experiments=[experiment]), world, args.threads, args.timeout)
+                for case in got["cases"]:
+                    entry = by_world[world].setdefault((case["experiment"], case["label"]), dict(case, times=[]))
+                    entry["times"] += case["times"]
+                    entry["finite"] = entry["finite"] and case["finite"]
 
     print(f"\n1. Training iteration, ms (median of {args.rounds * args.launches} blocks of {BLOCK} "
-          f"iterations, each the slowest rank's; threads per rank in brackets)")
+          f"iterations, each the slowest rank's; threads per rank in brackets; load average at "
+          f"launch starts {_load_range()})")
     header = (f"{'experiment':<20} {'variant':<14} {'n':>6} | {'P=1':>12} {'P=2':>12} {'P=2/P=1':>8} | "
               f"{'/Adam P=1':>9} {'/Adam P=2':>9} | {'P=2 sharded':>12} {'sh/rep':>7}")
     print(header)
@@ -687,7 +702,7 @@ def report_aa(args) -> None:
 
     print(f"\n2. AA step alone at P={world} (AndersonAcceleration(Adam fused), m={m}, p=q=1, "
           f"safeguard none, float32; median of {args.repeats} steps, each the slowest rank's; "
-          f"{threads} thread(s) per rank)")
+          f"{threads} thread(s) per rank; load average at launch starts {_load_range()})")
     header = (f"{'n':>9} | {'replicated':>10} {'sharded':>10} {'sh/rep':>6} | bytes per AA step: {'replicated':>10} | "
               f"{'sharded: all_reduce':>19} {'all_gather n':>12} {'all_gather R':>12} | {'model':>9} | calls per AA step")
     print(header)
