@@ -1,7 +1,7 @@
 """What P = 2 processes cost and buy: training iterations at P = 1 and 2, and the AA step
 replicated vs sharded (time, bytes communicated, peak memory per rank).
 
-    .venv/bin/python benchmarks/ddp_step.py               # full: about 6 minutes on 2 cores
+    .venv/bin/python benchmarks/ddp_step.py               # full: about 4 minutes on 2 cores
     .venv/bin/python benchmarks/ddp_step.py --quick       # about a minute, a smoke run
     .venv/bin/python benchmarks/ddp_step.py --device cuda # NCCL, one GPU per rank (needs 2)
 
