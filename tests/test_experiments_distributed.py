@@ -44,6 +44,17 @@ def launch(launcher: str, overrides, root: Path, **popen) -> subprocess.Complete
     return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
+def wait_for_lines(root: Path, lines: int, timeout: float = 120) -> None:
+    """Wait until the run's metrics.csv under ``root`` has ``lines`` lines (header included),
+    or ``timeout`` seconds; the caller then checks what the run did."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        files = list(root.rglob("metrics.csv"))
+        if files and len(files[0].read_text().splitlines()) >= lines:
+            return
+        time.sleep(0.05)
+
+
 def single(compose, overrides, root: Path) -> Path:
     return execute(compose(*overrides, f"output.root={root}", "train.threads=1")).path
 
@@ -88,12 +99,7 @@ def test_a_signal_to_two_ranks_checkpoints_both_and_the_rerun_resumes_bit_for_bi
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "CI": "1"}
     command = [*launcher_command("torchrun"), *overrides, f"output.root={root}", f"hydra.run.dir={root / 'h'}"]
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        files = list(root.rglob("metrics.csv"))
-        if files and len(files[0].read_text().splitlines()) >= 6:
-            break
-        time.sleep(0.05)
+    wait_for_lines(root, 6)
     process.send_signal(signal.SIGTERM)  # torchrun passes it to both ranks
     _, stderr = process.communicate(timeout=120)
     (path,) = list(root.rglob("seed=0"))
@@ -118,12 +124,7 @@ def test_kill_9_of_two_ranks_then_rerun_is_bit_identical(tmp_path):
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "CI": "1"}
     command = [*launcher_command("torchrun"), *overrides, f"output.root={root}", f"hydra.run.dir={root / 'h'}"]
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        files = list(root.rglob("metrics.csv"))
-        if files and len(files[0].read_text().splitlines()) >= 10:
-            break
-        time.sleep(0.05)
+    wait_for_lines(root, 10)
     import psutil
 
     # The launcher and both ranks at once (torchrun starts its workers in sessions of their own).
@@ -184,12 +185,7 @@ export OMP_NUM_THREADS=1 CI=1
 exec {shlex.quote(sys.executable)} -m experiments.run {arguments}
 """
     job = slurm.submit(script, cwd=tmp_path, extra_args=("-o", str(tmp_path / "job.out")))
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        files = list(root.rglob("metrics.csv"))
-        if files and len(files[0].read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.1)
+    wait_for_lines(root, 3)
     slurm.cancel(job, "USR1")
     end = slurm.wait(job, timeout=120)
     assert end.exit_code == PREEMPTED_EXIT, (tmp_path / "job.out").read_text()[-3000:]
