@@ -10,8 +10,9 @@ point nowhere near the closure.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -55,3 +56,21 @@ def evaluate_loss(closure: Callable[[], Any]) -> Any:
     if not _is_scalar_loss(loss):
         raise TypeError(f"AndersonAcceleration: the closure returned {_describe(loss)}; {CONTRACT}")
     return loss
+
+
+@contextlib.contextmanager
+def frozen_buffers(module: torch.nn.Module) -> Iterator[None]:
+    """Run a loss-only closure without changing ``module``'s buffers.
+
+    A network with BatchNorm in training mode updates its running statistics on every
+    forward pass, so each safeguard evaluation (two per AA step) would count as a training
+    batch, at the plain and at the AA point. The buffers are copied before and restored
+    after: the closure still normalises with the batch's own statistics, as training does.
+    """
+    saved = [(buffer, buffer.detach().clone()) for buffer in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)

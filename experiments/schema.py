@@ -55,6 +55,9 @@ class ScheduleConfig:
 
 WARMUP_MODES = ("linear", "constant")
 
+#: ``train.precision``: fp32 (no autocast), bf16 autocast, fp16 autocast with loss scaling.
+PRECISIONS = ("fp32", "bf16", "fp16")
+
 
 @dataclass
 class TrainConfig:
@@ -70,6 +73,8 @@ class TrainConfig:
     # Stop a run whose loss or parameters become non-finite and record it as diverged
     # (false: train the whole budget anyway; the run still counts as diverged).
     stop_on_divergence: bool = True
+    # Autocast of the loss: fp32 (none), bf16, or fp16 with loss scaling (GradScaler).
+    precision: str = "fp32"
 
 
 @dataclass

@@ -21,6 +21,7 @@ from experiments.optimizers import build_base_optimizer
 from experiments.parallel import DataParallel
 from experiments.problems.base import Problem
 from experiments.schema import ScheduleConfig
+from experiments.step import Precision, StepContext
 
 #: Steps between checks of the on-device divergence flag (one host sync each) between
 #: evaluations, so a diverged run stops soon even when evaluations are far apart.
@@ -174,6 +175,7 @@ def train(
     save_checkpoint: Callable[[], None] = lambda: None,
     checkpoint_every: Optional[int] = None,
     parallel: DataParallel = DataParallel(),
+    precision: Optional[Precision] = None,
 ) -> TrainingOutcome:
     """Train one seed from ``state``; call ``on_evaluation(row)`` before the first step,
     every ``train.eval_every`` budget units and after the last one.
@@ -197,6 +199,8 @@ def train(
     model, optimizer = state.model, state.optimizer
     net = parallel.wrap(model, problem)  # what the loss is computed with (DDP or the model)
     device = state.loss_sum.device
+    if precision is None:
+        precision = Precision.build(cfg.train.precision, device)
 
     def agreed_first_nonfinite() -> int:
         first = parallel.max_int(int(state.first_nonfinite_step), device)
@@ -230,13 +234,6 @@ def train(
         on_evaluation(last_row)
         bar.set_postfix(val_loss=f"{metrics['val_loss']:.3e}", refresh=False)
 
-    def step_closure(batch: Any) -> Optional[Callable[[], torch.Tensor]]:
-        if method.closure == "loss":
-            # The safeguard compares losses at candidate points: loss only, no backward
-            # (the wrapper calls it under torch.no_grad()).
-            return lambda: problem.loss(net, batch)
-        return None
-
     stopping = cfg.train.stop_on_divergence
     with bar:
         if state.unit == 0 and state.batch_in_unit == 0:
@@ -252,16 +249,13 @@ def train(
             else:
                 state.unit_data_state = problem.state_dict()
             nonfinite = False  # a non-finite loss seen at a periodic check
-            for index, batch in enumerate(problem.batches(unit)):
-                if index < skip:
-                    continue
-                batch = parallel.local_batch(batch, problem)
-                loss = problem.loss(net, batch)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                parallel.after_backward(net)
-                closure = step_closure(batch)
-                optimizer.step(closure) if closure is not None else optimizer.step()
+            for index, batch in enumerate(problem.batches_from(unit, skip), start=skip):
+                context = StepContext(
+                    problem=problem, net=net, model=model, optimizer=optimizer, parallel=parallel,
+                    batch=parallel.local_batch(batch, problem), unit=unit, index=index,
+                    unit_data_state=state.unit_data_state, precision=precision,
+                )
+                loss = method.step(optimizer, context)
                 state.record_loss(loss)
                 state.step += 1
                 state.batch_in_unit = index + 1

@@ -27,7 +27,7 @@ from experiments.methods import METHODS
 from experiments.methods.base import Method
 from experiments.optimizers import BASE_OPTIMIZERS, validate_optimizer
 from experiments.problems import PROBLEMS
-from experiments.schema import BUDGET_KEYS, WARMUP_MODES, RunConfig, ScheduleConfig, TrainConfig
+from experiments.schema import BUDGET_KEYS, PRECISIONS, WARMUP_MODES, RunConfig, ScheduleConfig, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,7 @@ def validate(cfg: DictConfig) -> ValidatedRun:
     _validate_train(run.train, problem_cls)
     validate_optimizer(run.optimizer)
     _validate_schedule(run.schedule)
+    method.check(run, problem_cls, problem_config)
     require(run.checkpoint.every is None or run.checkpoint.every >= 1, "checkpoint.every", "must be null or an integer >= 1", run.checkpoint.every)
     require(run.checkpoint.keep >= 1, "checkpoint.keep", "must be an integer >= 1", run.checkpoint.keep)
 
@@ -198,6 +199,12 @@ def _validate_train(train: TrainConfig, problem_cls: type) -> None:
         "train.threads",
         "must be null or an integer >= 1",
         train.threads,
+    )
+    require(
+        train.precision in PRECISIONS,
+        "train.precision",
+        f"must be one of {list(PRECISIONS)}",
+        train.precision,
     )
     require(
         re.fullmatch(r"cpu|auto|cuda(:\d+)?", train.device) is not None,

@@ -14,8 +14,8 @@ from typing import Any, ClassVar, Mapping
 
 from experiments.errors import ConfigError, unknown_key
 
-#: What a method's ``step`` is given. "none": nothing (``optimizer.step()``); "loss": a
-#: closure that only computes the batch's loss, called under ``torch.no_grad()``.
+#: What the default :meth:`Method.step` passes to ``optimizer.step``. "none": nothing;
+#: "loss": a closure that only computes the batch's loss, called under ``torch.no_grad()``.
 CLOSURE_KINDS = ("none", "loss")
 
 
@@ -30,7 +30,9 @@ def config_dataclass(name: str, fields: list, module: str) -> type:
 class Method(abc.ABC):
     name: ClassVar[str]  # registry name, the value of ``method.name``
     closure: ClassVar[str] = "none"  # one of CLOSURE_KINDS
-    counters: ClassVar[tuple[str, ...]] = ()  # cumulative counters, one metrics.csv column each
+    # The method's metrics.csv columns, last in each row: cumulative counters and any
+    # per-row quantities (counter_values gives their values).
+    counters: ClassVar[tuple[str, ...]] = ()
     Settings: ClassVar[type | None] = None  # dataclass of ``method.<name>``, for the default from_config
 
     def __init__(self, settings: Any):
@@ -88,6 +90,21 @@ class Method(abc.ABC):
     def wrap(self, base: Any, model: Any) -> Any:
         """The optimizer the training loop steps: ``base`` itself or a wrapper around it."""
 
-    def counter_values(self, optimizer: Any) -> dict[str, int]:
+    def step(self, optimizer: Any, context: Any) -> Any:
+        """One optimisation step on ``context.batch`` (an ``experiments.step.StepContext``);
+        returns the batch's loss at the parameters before the step (the row's train_loss).
+        The default: one gradient, then ``optimizer.step`` with the closure :attr:`closure`
+        names. A method that takes other gradients (at other points, on other batches, or
+        without the all-reduce) overrides this and uses the context's operations."""
+        loss = context.backward()
+        context.optimizer_step(context.loss_closure() if self.closure == "loss" else None)
+        return loss
+
+    def check(self, run: Any, problem_class: type, problem_config: Any) -> None:
+        """Refuse, with a ConfigError naming the key, a base optimizer, problem or setting
+        this method cannot run with; called by ``experiments.validation.validate`` with the
+        typed config (``RunConfig``), the problem's class and its typed section."""
+
+    def counter_values(self, optimizer: Any) -> dict[str, float]:
         """The current value of each of :attr:`counters`."""
         return {}

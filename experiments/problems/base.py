@@ -8,6 +8,7 @@ and results.
 from __future__ import annotations
 
 import abc
+import itertools
 from pathlib import Path
 from typing import Any, ClassVar, Iterable
 
@@ -56,6 +57,12 @@ class Problem(abc.ABC):
     @abc.abstractmethod
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         """Validation metrics; always contains "val_loss"."""
+
+    def batches_from(self, unit: int, skip: int) -> Iterable[Any]:
+        """The batches of ``unit`` after the first ``skip`` (a run resumed inside a unit,
+        with the data state of the unit's start restored). The default draws and drops the
+        skipped ones; a problem whose batches are costly to draw (images) skips by index."""
+        return itertools.islice(self.batches(unit), skip, None)
 
     def local_batch(self, batch: Any, rank: int, world_size: int) -> Any:
         """This rank's part of a global batch: rank's chunk of every tensor along dim 0 (a
