@@ -60,6 +60,9 @@ OUTCOMES = ("complete", "diverged")
 IDENTITY_COLUMNS = ("experiment", "variant", "method", "optimizer", "seed", "config_id")
 PROGRESS_COLUMNS = ("step", "epoch", "train_loss", "val_loss")
 TRAILING_COLUMNS = ("lr", "wall_time")
+#: Columns measured in seconds, which differ between two runs of the same config (a resumed
+#: run's rows equal an uninterrupted run's except these).
+TIMING_COLUMNS = ("wall_time", "samples_per_second")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

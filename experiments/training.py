@@ -211,10 +211,22 @@ def train(
     last_row: dict[str, Any] = {}
     bar = tqdm(total=run.budget, initial=state.unit, unit=problem.budget_unit, disable=not progress, mininterval=0.5, dynamic_ncols=True)
 
+    samples_per_step = getattr(problem, "samples_per_step", None)
+    since_row = {"step": state.step, "time": time.perf_counter()}  # training time only
+
+    def throughput() -> dict[str, float]:
+        """``samples_per_second`` of training since the previous row, for problems that
+        say how many samples a step takes (NaN in the first row of a process)."""
+        if samples_per_step is None:
+            return {}
+        steps, seconds = state.step - since_row["step"], time.perf_counter() - since_row["time"]
+        return {"samples_per_second": steps * samples_per_step / seconds if steps else math.nan}
+
     def evaluate(lr: float) -> None:
         nonlocal last_row, diverged
+        speed = throughput()
         model.eval()
-        metrics = problem.evaluate(model)  # every rank: the whole validation set, same weights
+        metrics = {**problem.evaluate(model), **speed}  # every rank evaluates (its shard or all)
         model.train()
         parallel.mean_(state.loss_sum)
         agreed_first_nonfinite()
@@ -233,6 +245,7 @@ def train(
                 diverged = {"step": state.step, "unit": state.unit, "quantity": "val_loss"}
         on_evaluation(last_row)
         bar.set_postfix(val_loss=f"{metrics['val_loss']:.3e}", refresh=False)
+        since_row.update(step=state.step, time=time.perf_counter())
 
     stopping = cfg.train.stop_on_divergence
     with bar:
