@@ -190,3 +190,35 @@ def test_the_error_is_raised_once():
     with pytest.raises(FailsAtTheAAPoint):
         step(opt, loss_fn, closure)
     step(opt, loss_fn, loss_fn)  # the next step does not raise it again
+
+
+def test_frozen_buffers_keep_batchnorm_statistics_through_the_safeguard():
+    """Two safeguard evaluations per AA step leave the running statistics as the training
+    forward set them; without frozen_buffers they move (the test would see it)."""
+    from aadl import AndersonAcceleration
+    from aadl.closure import frozen_buffers
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 1))
+    x, y = torch.randn(16, 3), torch.randn(16, 1)
+    opt = AndersonAcceleration(torch.optim.SGD(model.parameters(), lr=0.1), history=3)
+
+    def loss_fn():
+        return torch.nn.functional.mse_loss(model(x), y)
+
+    def frozen_closure():
+        with frozen_buffers(model):
+            return loss_fn()
+
+    moved = False
+    for _ in range(6):
+        opt.zero_grad()
+        loss_fn().backward()
+        after_forward = [b.clone() for b in model.buffers()]
+        opt.step(frozen_closure)
+        assert all(torch.equal(a, b) for a, b in zip(after_forward, model.buffers()))
+        moved |= opt.stats.aa_attempts > 0
+    assert moved  # the closure did run at AA steps
+    before = [b.clone() for b in model.buffers()]
+    loss_fn()
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.buffers()))  # a plain forward moves them
