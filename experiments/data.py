@@ -5,6 +5,8 @@ Each problem declares its files (``Problem.datasets``, e.g.
 
     python -m experiments.data download graduate_admissions --root data
     python -m experiments.data verify graduate_admissions --root data
+    python -m experiments.data fashion-mnist --root data    (image trees: docs/images.md)
+    python -m experiments.data verify-images fashion_mnist --root data
 
 Files live at ``<data root>/<data set name>/<file name>``. The data root comes from the
 config (``data.root``, default ``$AADL_DATA_ROOT`` or ``data``). Loading checks shape,
@@ -233,7 +235,12 @@ def main(argv: list[str] | None = None) -> int:
         if command == "download":
             sub.add_argument("--url", action="append", help="fetch from this URL instead of the built-in mirrors (repeatable)")
             sub.add_argument("--force", action="store_true", help="download even if a verified file is present")
+    from experiments.problems.images.commands import add_commands
+
+    add_commands(commands)  # fashion-mnist, verify-images
     args = parser.parse_args(argv)
+    if hasattr(args, "run"):
+        return args.run(args)
     spec = known[args.dataset]
     try:
         if args.command == "download":
