@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -14,7 +15,7 @@ from experiments.schema import OptimizerConfig
 @dataclass(frozen=True)
 class BaseOptimizerSpec:
     label: str  # the variant's name in results and legends
-    torch_class: str  # attribute of torch.optim
+    torch_class: str  # attribute of torch.optim, or "module:Class"
     options: tuple[str, ...]  # OptimizerConfig fields passed to the torch class
 
 
@@ -25,6 +26,8 @@ BASE_OPTIMIZERS: dict[str, BaseOptimizerSpec] = {
     "sgd": BaseOptimizerSpec(
         "SGD", "SGD", ("lr", "momentum", "nesterov", "weight_decay", "foreach", "fused")
     ),
+    # The harness's own (experiments/lars.py): "module:Class" instead of a torch.optim name.
+    "lars": BaseOptimizerSpec("LARS", "experiments.lars:LARS", ("lr", "momentum", "nesterov", "weight_decay")),
 }
 
 
@@ -76,4 +79,6 @@ def build_base_optimizer(params: Iterable[Any], cfg: OptimizerConfig) -> Any:
     options: dict[str, Any] = {name: getattr(cfg, name) for name in spec.options}
     if "betas" in options:
         options["betas"] = tuple(options["betas"])
-    return getattr(torch.optim, spec.torch_class)(params, **options)
+    module, _, name = spec.torch_class.rpartition(":")
+    optimizer_class = getattr(importlib.import_module(module) if module else torch.optim, name)
+    return optimizer_class(params, **options)

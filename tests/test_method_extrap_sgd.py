@@ -50,14 +50,15 @@ def assert_same_training(a: Path, b: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "perturbation, precision",
+    "perturbation, settings",
     # fp16: the local gradient is unscaled by hand, the loss scaler's state is untouched by it.
     # (Unfused: torch's fused SGD under a GradScaler on CPU diverges even alone.)
-    [*((p, ()) for p in PERTURBATIONS), ("gradient", ("train.precision=fp16", "optimizer.fused=false"))],
-    ids=[*PERTURBATIONS, "gradient-fp16"],
+    [*((p, ()) for p in PERTURBATIONS), ("gradient", ("train.precision=fp16", "optimizer.fused=false")),
+     ("gradient", ("optimizer.name=lars", "optimizer.fused=null", "optimizer.lr=1.0"))],
+    ids=[*PERTURBATIONS, "gradient-fp16", "gradient-lars"],
 )
-def test_rho_zero_is_sgd_with_nesterov_momentum_bit_for_bit(compose, data_root, tmp_path, perturbation, precision):
-    common = (*NESTEROV, "train.epochs=3", "train.threads=1", *precision)
+def test_rho_zero_is_the_base_optimizer_bit_for_bit(compose, data_root, tmp_path, perturbation, settings):
+    common = (*NESTEROV, "train.epochs=3", "train.threads=1", *settings)
     base = execute(compose("method=none", *common, f"output.root={tmp_path / 'base'}")).path
     extrap = execute(compose(
         "method=extrap_sgd", f"method.extrap_sgd.perturbation={perturbation}", "method.extrap_sgd.rho=0",
@@ -67,7 +68,7 @@ def test_rho_zero_is_sgd_with_nesterov_momentum_bit_for_bit(compose, data_root, 
     rows = pd.read_csv(extrap / "metrics.csv")
     per_step = 2 if perturbation == "gradient" else 1  # the local gradient is the extra one
     assert (rows["gradients"] == per_step * rows["step"]).all() and rows["step"].iloc[-1] == 30
-    assert rows["variant"].iloc[0] == "SGD+EXTRAP"
+    assert rows["variant"].iloc[0] == ("LARS" if "optimizer.name=lars" in settings else "SGD") + "+EXTRAP"
 
 
 def test_rho_above_zero_changes_the_training(compose, data_root, tmp_path):
