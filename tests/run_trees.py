@@ -173,3 +173,91 @@ def write_paper_synthetic(root: Path, figure: str) -> Path:
                 metrics={metric: [10 * value for value in curve] for metric in spec.also},
             )
     return root
+
+
+# --------------------------------------------------------------------------------------------
+# Result trees with known effects (the claims report's tests)
+# --------------------------------------------------------------------------------------------
+
+
+def curve_to(final: float, rows: int = 6, start: float = 1.0) -> list[float]:
+    """A validation curve falling geometrically from ``start`` to exactly ``final`` in its
+    last row (``rows`` evaluations)."""
+    return [start * (final / start) ** (index / (rows - 1)) for index in range(rows)]
+
+
+def seed_noise(key: str, seed: int, spread: float) -> float:
+    """A reproducible draw of N(0, spread^2) for one (key, seed): independent between
+    variants and seeds, the same on every call."""
+    digest = hashlib.sha256(f"{key}/{seed}".encode()).digest()
+    uniform = (int.from_bytes(digest[:8], "big") + 0.5) / 2**64
+    from statistics import NormalDist
+
+    return spread * NormalDist().inv_cdf(uniform)
+
+
+def write_finals(
+    root: Path,
+    finals: dict[str, float],
+    *,
+    seeds: Sequence[int] = range(10),
+    spread: float = 0.05,
+    rows: int = 6,
+    also: dict[str, float] | None = None,
+    **options: Any,
+) -> Path:
+    """Per variant and seed, a complete run whose val_loss ends at ``finals[variant]`` times
+    exp(N(0, spread^2)) (``seed_noise``); ``also`` adds metrics that are that curve times a
+    factor (e.g. {"val_rel_l2": 10}); ``options`` go to ``write_run`` (experiment, name,
+    unit, identity, ...). Returns ``root``."""
+    for variant, value in finals.items():
+        for seed in seeds:
+            curve = curve_to(value * math.exp(seed_noise(variant, seed, spread)), rows)
+            metrics = {name: [factor * v for v in curve] for name, factor in (also or {}).items()}
+            write_run(root, variant=variant, seed=seed, val_loss=curve, metrics=metrics, **options)
+    return root
+
+
+def set_seconds_per_step(run: Path, seconds: float) -> Path:
+    """Rewrite a run's wall_time column as ``step * seconds`` (a method that costs that much)."""
+    with open(run / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        row["wall_time"] = repr(float(row["step"]) * seconds)
+    with open(run / "metrics.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return run
+
+
+def write_gap_study(
+    root: Path,
+    top1: dict[str, tuple[float, float]],
+    *,
+    seeds: Sequence[int] = range(10),
+    spread: float = 0.005,
+    batches: tuple[int, int] = (128, 4096),
+    seconds_per_step: dict[str, float] | None = None,
+    experiment: str = "fashion_resnet",
+    name: str = "fashion_gap",
+    methods: dict[str, tuple[str, int]] | None = None,
+) -> Path:
+    """A small- vs large-batch study: per variant, runs at both ``batches`` (key
+    ``problem.local_batch``, with ``optimizer.lr`` scaled linearly with it, as the
+    linear-scaling rule does) whose final ``val_top1`` is ``top1[variant]`` = (small, large)
+    plus N(0, spread^2) per run; ``seconds_per_step`` sets each variant's wall_time;
+    ``methods`` gives (method, legend_order) for variants that are not AADL's. Returns ``root``."""
+    for variant, ends in top1.items():
+        method, order = (methods or {}).get(variant, (None, None))
+        for batch, accuracy in zip(batches, ends):
+            for seed in seeds:
+                value = accuracy + seed_noise(f"{variant}/{batch}", seed, spread)
+                run = write_run(
+                    root, variant=variant, seed=seed, val_loss=curve_to(1.0 - value), experiment=experiment, name=name,
+                    identity={"problem.local_batch": batch, "optimizer.lr": 0.05 * batch / batches[0]},
+                    metrics={"val_top1": [value] * 6}, method=method, legend_order=order,
+                )
+                if seconds_per_step and variant in seconds_per_step:
+                    set_seconds_per_step(run, seconds_per_step[variant])
+    return root

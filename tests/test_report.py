@@ -1,0 +1,312 @@
+"""The claims report: the verdict rule on result trees with known effects, the measures on
+constructed sequences, the command line and the README block."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from experiments.analysis import claims, report
+from experiments.analysis.claims import CLAIMS, Context, Effect, Region, contrast, evaluate, oscillation, verdict
+from run_trees import curve_to, seed_noise, write_finals, write_gap_study, write_run
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CLAIM = {claim.key: claim for claim in CLAIMS}
+
+
+def judge(root: Path | Context, key: str) -> claims.ClaimResult:
+    """The claim ``key`` on the runs under ``root`` (a Context: directories loaded once)."""
+    return evaluate(CLAIM[key], root if isinstance(root, Context) else Context(root))
+
+
+def fig1(root: Path, finals: dict[str, float], **options) -> Path:
+    return write_finals(root, finals, name="fig1", **options)
+
+
+# --------------------------------------------------------------------------------------------
+# The rule itself
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "low, high, n, expected",
+    [
+        (12.0, 15.0, 10, "reproduced"),  # inside (10, inf)
+        (1.2, 1.8, 10, "not reproduced"),  # entirely short of the claimed size
+        (8.0, 14.0, 10, "inconclusive"),  # crosses the boundary
+        (12.0, 15.0, claims.MIN_SEEDS - 1, "inconclusive"),  # too few seeds, whatever the interval
+        (math.nan, math.nan, 10, "inconclusive"),
+    ],
+)
+def test_verdict_compares_the_interval_with_the_claimed_region(low, high, n, expected):
+    effect = Effect((low + high) / 2, low, high, n, True)
+    assert verdict(effect, Region(10.0))[0] == expected
+
+
+def test_verdict_of_a_band_is_outside_on_either_side():
+    band = Region(0.5, 2.0)
+    assert verdict(Effect(1.0, 0.8, 1.2, 10, True), band)[0] == "reproduced"
+    assert verdict(Effect(3.0, 2.5, 3.5, 10, True), band)[0] == "not reproduced"
+    assert verdict(Effect(0.3, 0.2, 0.45, 10, True), band)[0] == "not reproduced"
+    assert verdict(Effect(0.6, 0.4, 0.9, 10, True), band)[0] == "inconclusive"
+    # Identical runs (ratio exactly 1) do not "lower" anything: the boundary is outside.
+    assert verdict(Effect(1.0, 1.0, 1.0, 10, True), Region(1.0))[0] == "not reproduced"
+
+
+def test_contrast_pairs_by_seed_as_a_geometric_mean_with_a_log_space_interval():
+    base = pd.Series([1.0, 2.0, 4.0, 3.0, 5.0, 2.5], index=range(6))
+    this = pd.Series([0.1, 0.25, 0.3, 0.2, 0.6, 0.2, 9.0], index=range(7))  # seed 6: base lacks it
+    effect = contrast([(1, base), (-1, this)], log=True)
+    logs = np.log(base.to_numpy() / this.to_numpy()[:6])
+    half = stats.t.ppf(0.975, 5) * logs.std(ddof=1) / math.sqrt(6)
+    assert effect.paired and effect.n == 6
+    assert effect.estimate == pytest.approx(math.exp(logs.mean()))
+    assert (effect.low, effect.high) == pytest.approx((math.exp(logs.mean() - half), math.exp(logs.mean() + half)))
+    assert effect.per_seed == pytest.approx(tuple(np.exp(logs)))
+
+
+def test_contrast_without_shared_seeds_is_welchs_interval():
+    a = pd.Series([1.0, 1.4, 0.9, 1.2, 1.1], index=range(0, 5))
+    b = pd.Series([0.5, 0.7, 0.2, 0.6, 0.4, 0.55], index=range(10, 16))
+    effect = contrast([(1, a), (-1, b)])
+    welch = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    assert not effect.paired and effect.n == 5
+    assert effect.estimate == pytest.approx(a.mean() - b.mean())
+    assert (effect.low, effect.high) == pytest.approx((welch.low, welch.high))
+
+
+# --------------------------------------------------------------------------------------------
+# Trees with known effects
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_moving_average_twenty_times_better_reproduces_the_order_of_magnitude(tmp_path):
+    result = judge(fig1(tmp_path, {"Adam": 0.02, "Adam+AADL": 0.02, "Adam+AADL+MA": 0.001}), "fig1-ma-tenfold")
+    assert result.verdict == "reproduced", result.reason
+    assert result.headline.effect.estimate == pytest.approx(20, rel=0.1)
+    assert result.headline.effect.n == 10 and result.headline.effect.paired
+    # AADL alone, level with Adam, is "like Adam" on the same tree.
+    assert judge(tmp_path, "fig1-aadl-like-adam").verdict == "reproduced"
+
+
+def test_one_and_a_half_times_better_does_not_reproduce_an_order_of_magnitude(tmp_path):
+    result = judge(fig1(tmp_path, {"Adam": 0.015, "Adam+AADL": 0.01, "Adam+AADL+MA": 0.01}), "fig1-ma-tenfold")
+    assert result.verdict == "not reproduced", result.reason
+    assert result.headline.effect.estimate == pytest.approx(1.5, rel=0.1)
+
+
+def test_noisy_seeds_or_two_seeds_are_inconclusive(tmp_path):
+    noisy = judge(fig1(tmp_path / "noisy", {"Adam": 0.01, "Adam+AADL+MA": 0.001}, spread=1.5), "fig1-ma-tenfold")
+    assert noisy.verdict == "inconclusive" and "crosses a boundary" in noisy.reason
+    effect = noisy.headline.effect
+    assert effect.low < 10 < effect.high
+    two = judge(fig1(tmp_path / "two", {"Adam": 0.02, "Adam+AADL+MA": 0.001}, seeds=[0, 1]), "fig1-ma-tenfold")
+    assert two.verdict == "inconclusive" and "rests on 2 seeds" in two.reason
+
+
+def test_diverged_and_incomplete_runs_are_counted_and_never_in_the_numbers(tmp_path):
+    finals = {"Adam": 0.02, "Adam+AADL": 0.02, "Adam+AADL+MA": 0.001}
+    clean = judge(fig1(tmp_path / "clean", finals), "fig1-ma-tenfold")
+    root = fig1(tmp_path / "messy", finals)
+    for seed in (10, 11):  # diverged seeds of the moving average, with a tiny loss before it blew up
+        write_run(root, variant="Adam+AADL+MA", seed=seed, val_loss=[1.0, 1e-9, math.nan], name="fig1", outcome="diverged")
+    write_run(root, variant="Adam+AADL+MA", seed=12, val_loss=[1.0, 1e-9], name="fig1", complete=False, status="preempted")
+    write_run(root, variant="Adam", seed=13, val_loss=[1.0, 50.0], name="fig1", complete=False, status="running")
+    messy = judge(root, "fig1-ma-tenfold")
+    assert messy.headline.effect == clean.headline.effect  # the same numbers, bit for bit
+    arms = {arm.label: arm for arm in messy.headline.arms}
+    assert (arms["Adam+AADL+MA"].good, arms["Adam+AADL+MA"].diverged) == (10, 2)
+    assert any("2 incomplete" in note for note in messy.notes)
+    text = report.Report(root).markdown({})
+    assert "Adam+AADL+MA: 10 good, 2 diverged" in text
+    assert f"| `{root / 'graduate_admissions' / 'fig1'}` | 30 | 2 | 2 | 0 |" in text  # good, diverged, incomplete, damaged
+
+
+def test_absent_runs_are_not_run_with_the_command_that_makes_them(tmp_path):
+    fig1(tmp_path, {"Adam": 0.02})  # only the baseline of Fig. 1, nothing else
+    for claim in CLAIMS:
+        result = evaluate(claim, Context(tmp_path))
+        assert result.verdict == "not run", (claim.key, result.reason)
+        assert f"`{claim.command}`" in result.reason
+    assert CLAIM["p-sweep"].command == "python -m experiments.run -m +paper=p_sweep"
+    assert CLAIM["fig2-aadl-lowers-mse"].command == "python -m experiments.run -m +paper=fig2"
+
+
+def test_a_claim_measured_on_a_figure_preset_ignores_other_settings_stored_beside_it(tmp_path):
+    root = fig1(tmp_path, {"Adam": 0.02, "Adam+AADL+MA": 0.001})
+    # A quick look (another budget) in the same directory: a 1.5x effect on 2 seeds.
+    fig1(root, {"Adam": 0.015, "Adam+AADL+MA": 0.01}, seeds=[0, 1], identity={"train.epochs": 5})
+    result = judge(root, "fig1-ma-tenfold")
+    assert result.verdict == "reproduced" and result.headline.effect.n == 10
+    assert any("not compared" in note and "train.epochs=5" in note for note in result.notes)
+
+
+def test_oscillation_is_zero_when_monotone_and_counts_each_decade_travelled_beyond_the_net_change():
+    assert oscillation([1.0, 0.5, 0.1, 0.01, 0.001, 1e-4]) == 0.0
+    assert oscillation([1e-4, 1e-3, 1e-2, 1.0]) == 0.0
+    # A decade up and down at every evaluation: 1 decade per interval.
+    assert oscillation([1.0, 10.0] * 5) == pytest.approx(1.0)
+    # The last half of [.. | 1, 100, 10, 10, 1]: |d| = 2, 1, 0, 1 (sum 4), net -0 -> (4 - 0) / 4.
+    assert oscillation([5.0, 5.0, 5.0, 5.0, 5.0, 1.0, 100.0, 10.0, 10.0, 1.0]) == pytest.approx(1.0)
+    # ... and with a net descent of 1 decade: [10, 100, 1] -> (1 + 2 - 1) / 2.
+    assert oscillation([3.0, 3.0, 10.0, 100.0, 1.0], tail=0.6) == pytest.approx(1.0)
+
+
+def test_fig3_oscillation_claim_pairs_the_moving_average_against_aadl(tmp_path):
+    jumpy = [1.0, 10.0] * 10
+    for seed in range(6):
+        scale = math.exp(seed_noise("fig3", seed, 0.1))
+        write_run(tmp_path, variant="Adam", seed=seed, val_loss=[scale * v for v in jumpy], experiment="burgers100d", name="fig3", unit="iteration")
+        write_run(tmp_path, variant="Adam+AADL", seed=seed, val_loss=[scale * v for v in jumpy], experiment="burgers100d", name="fig3", unit="iteration")
+        write_run(tmp_path, variant="Adam+AADL+MA", seed=seed, val_loss=curve_to(scale * 1e-3, rows=20), experiment="burgers100d", name="fig3", unit="iteration")
+    result = judge(tmp_path, "fig3-ma-oscillation")
+    assert result.verdict == "reproduced", result.reason
+    # The last 10 of 20 rows, 1 and 10 alternating: 9 decades travelled, a net rise of 1, over
+    # 9 intervals; the moving average's monotone curve: 0.
+    assert result.headline.effect.estimate == pytest.approx(8 / 9)
+
+
+def test_time_to_target_counts_a_run_that_never_reaches_it_as_infinite(tmp_path):
+    rows = pd.DataFrame({"step": [0, 10, 20, 30], "wall_time": [0.0, 1.0, 2.0, 3.0], "val_loss": [1.0, 0.5, 0.2, 0.3]})
+    assert claims.time_to_target(rows, 0.5) == (10.0, 1.0)
+    assert claims.time_to_target(rows, 0.25) == (20.0, 2.0)
+    assert claims.time_to_target(rows, 0.1) == (math.inf, math.inf)
+    # Adam ends at 0.1 on seeds 0, 1, 2 (target: their median, 0.1); AADL reaches it on two of three.
+    for seed in range(3):
+        write_run(tmp_path, variant="Adam", seed=seed, val_loss=[1.0, 0.5, 0.2, 0.1])
+    write_run(tmp_path, variant="Adam+AADL", seed=0, val_loss=[1.0, 0.1, 0.1, 0.1])
+    write_run(tmp_path, variant="Adam+AADL", seed=1, val_loss=[1.0, 0.5, 0.1, 0.1])
+    write_run(tmp_path, variant="Adam+AADL", seed=2, val_loss=[1.0, 0.5, 0.3, 0.2])  # never reaches it
+    table = {row.label: row.values for row in claims.targets(Context(tmp_path))}
+    assert table["Adam"]["reached"] == "3/3" and table["Adam"]["steps to target (median)"] == "30"
+    aadl = table["Adam+AADL"]
+    assert aadl["reached"] == "2/3" and aadl["target val_loss"].startswith("0.1 (Adam median)")
+    assert aadl["steps to target (median)"] == "20"  # median of 10, 20 and inf
+    assert aadl["seconds to target (median)"] == "0.02"  # write_run: 0.01 s per row
+    assert aadl["seconds per step"].startswith("0.001")
+
+
+def test_the_large_batch_claims_read_the_gap_and_the_cost_per_step(tmp_path):
+    root = write_gap_study(
+        tmp_path,
+        {"SGD": (0.90, 0.80), "SGD+AADL": (0.90, 0.80), "SGD+AADL+MA": (0.90, 0.85), "SGD+EXTRAP": (0.90, 0.89)},
+        seconds_per_step={"SGD": 0.01, "SGD+AADL": 0.1, "SGD+AADL+MA": 0.012},
+        methods={"SGD+EXTRAP": ("extrap_sgd", 4)}, seeds=range(6), spread=0.002,
+    )
+    root = Context(root)
+    aadl = judge(root, "fig4-aadl-gap")
+    assert aadl.verdict == "reproduced", aadl.reason
+    assert aadl.headline.effect.estimate == pytest.approx(0.0, abs=0.05)  # recovers none of the gap
+    ma = judge(root, "fig4-ma-gap")
+    assert ma.verdict == "reproduced" and ma.headline.effect.estimate == pytest.approx(0.5, abs=0.05)
+    assert "problem.local_batch=4096" in ma.notes[0]
+    extrap = judge(root, "extrap-large-batch")
+    assert extrap.verdict == "reproduced" and extrap.headline.effect.estimate == pytest.approx(0.9, abs=0.05)
+    cost = judge(root, "fig4-aadl-cost")
+    assert cost.verdict == "reproduced" and cost.headline.effect.estimate == pytest.approx(10.0)
+    assert [row.counted for row in cost.rows] == [True, False]  # the moving average's cost: context
+
+
+def test_without_a_large_batch_gap_there_is_nothing_to_recover(tmp_path):
+    root = write_gap_study(tmp_path, {"SGD": (0.90, 0.90), "SGD+AADL+MA": (0.90, 0.92)})
+    result = judge(root, "fig4-ma-gap")
+    assert result.verdict == "inconclusive" and "no large-batch gap" in result.reason
+
+
+def test_p_sweep_has_a_row_per_p_and_needs_them_to_agree(tmp_path):
+    finals = {1: 0.02, 2: 0.01, 5: 0.01, 10: 0.04}
+    for p, value in finals.items():
+        write_finals(tmp_path, {"Adam+AADL": value}, name="p_sweep", identity={"method.aadl.frequency": p}, spread=0.02)
+    result = judge(tmp_path, "p-sweep")
+    assert [row.verdict for row in result.rows] == ["reproduced", "reproduced", "not reproduced"]
+    assert [row.comparison for row in result.rows][0] == "final val_loss: p=1 / p=2"
+    assert result.verdict == "inconclusive" and "the rows differ" in result.reason
+
+
+def test_backward_sgd_rows_come_from_any_run_directory_with_its_runs(tmp_path):
+    norms = {"forward_step_norm": [math.nan] + [0.1] * 8, "backward_step_norm": [math.nan] + [0.1 * 0.5**k for k in range(8)]}
+    for seed in range(5):
+        write_run(tmp_path, variant="SGD+BSGD", seed=seed, val_loss=[1.0] * 9, experiment="mean_estimation", name="anything",
+                  unit="iteration", method="bsgd", legend_order=3, metrics=norms)
+    result = judge(tmp_path, "bsgd-converges")
+    assert result.verdict == "reproduced", result.reason
+    # The last quarter of 8 finite values: rows 6 and 7, median backward 0.1 * (2^-6 + 2^-7) / 2.
+    assert result.headline.effect.estimate == pytest.approx(1 / ((0.5**6 + 0.5**7) / 2))
+    assert "mean_estimation" in result.rows[0].comparison
+
+
+# --------------------------------------------------------------------------------------------
+# The command line and the README block
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_command_writes_the_report_and_a_figure_per_measured_claim(tmp_path, capsys):
+    fig1(tmp_path / "runs", {"Adam": 0.02, "Adam+AADL": 0.02, "Adam+AADL+MA": 0.001})
+    out = tmp_path / "out" / "report.md"
+    stale = out.parent / "report_p-sweep.png"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"old")
+    assert report.main(["--runs", str(tmp_path / "runs"), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "## Verdict rule" in text and claims.RULE in text
+    assert text.count("**reproduced**") == 2 and text.count("**not run**") == len(CLAIMS) - 2
+    assert "![fig1-ma-tenfold](report_fig1-ma-tenfold.png)" in text
+    figures = sorted(p.name for p in out.parent.glob("*.png"))
+    assert figures == ["report_fig1-aadl-like-adam.png", "report_fig1-ma-tenfold.png"]  # the stale one is gone
+    assert (out.parent / figures[0]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Adam+AADL+MA" in text and "averages applied per step" in text
+    assert "2 reproduced" in capsys.readouterr().out
+
+
+def test_python_m_experiments_report_succeeds_on_an_empty_tree(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "experiments.report", "--runs", str(tmp_path / "nothing"), "--out", str(tmp_path / "report.md")],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    text = (tmp_path / "report.md").read_text()
+    assert text.count("**not run**") == len(CLAIMS)
+    assert f"{len(CLAIMS)} not run" in done.stdout
+
+
+def test_readme_block_round_trip(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\n\nintro\n")
+    runs = fig1(tmp_path / "runs", {"Adam": 0.02, "Adam+AADL": 0.02, "Adam+AADL+MA": 0.001})
+    args = ["--runs", str(runs), "--out", str(tmp_path / "report.md"), "--readme", str(readme)]
+    assert report.main(args) == 0
+    first = readme.read_text()
+    assert first.startswith("# Title\n\nintro\n\n## What the reproduction shows\n")  # created where absent
+    readme.write_text(first + "\n## After\n\nkept\n")
+    assert report.main(args) == 0
+    second = readme.read_text()
+    assert second == first + "\n## After\n\nkept\n"  # the same block again, the rest untouched
+    rows = _block_rows(report.read_block(second))
+    assert len(rows) == len(CLAIMS)
+    assert rows[1][0] == f"Fig. 1: {CLAIM['fig1-ma-tenfold'].statement}" and rows[1][2] == "reproduced"
+    readme.write_text(second + report.README_BEGIN + "\n")
+    assert report.main(args) == 1  # two begin markers: refused, the file kept
+    assert readme.read_text() == second + report.README_BEGIN + "\n"
+
+
+def _block_rows(block: str) -> list[list[str]]:
+    lines = [line for line in block.splitlines() if line.startswith("| ")]
+    assert lines[0] == "| claim | measured | verdict |"
+    return [[cell.strip() for cell in line.strip("|").split(" | ")] for line in lines[2:]]
+
+
+def test_the_committed_readme_holds_one_block_with_a_row_per_claim():
+    block = report.read_block((REPO_ROOT / "README.md").read_text())
+    rows = _block_rows(block)
+    assert [row[0] for row in rows] == [f"{claim.section}: {claim.statement}" for claim in CLAIMS]
+    for (_, measured, decided), claim in zip(rows, CLAIMS):
+        assert decided in claims.VERDICTS
+        if decided == "not run":
+            assert measured == f"run `{claim.command}`"
