@@ -13,6 +13,7 @@ PROBLEMS = Registry(
         "graduate_admissions": "experiments.problems.graduate_admissions.problem:GraduateAdmissions",
         "burgers2d": "experiments.problems.burgers.problem:Burgers2D",
         "burgers100d": "experiments.problems.burgers.problem:Burgers100D",
+        "mean_estimation": "experiments.problems.mean_estimation.problem:MeanEstimation",
     },
 )
 
