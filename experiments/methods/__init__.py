@@ -16,6 +16,7 @@ METHODS = Registry(
     {
         "none": "experiments.methods.none:BaseOptimizer",
         "aadl": "experiments.methods.aadl:AADL",
+        "bsgd": "experiments.methods.bsgd:BSGD",
         "extrap_sgd": "experiments.methods.extrap_sgd:ExtrapSGD",
     },
 )
