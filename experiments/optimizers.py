@@ -9,7 +9,12 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from experiments.errors import require
+from experiments.lr_scaling import register_resolvers
 from experiments.schema import OptimizerConfig
+
+# optimizer.lr may be a rule of the global batch (${scaled_lr:...}, ${fig4_lr:...}):
+# registered here, before validation (which imports this module) resolves a config.
+register_resolvers()
 
 
 @dataclass(frozen=True)
@@ -18,6 +23,9 @@ class BaseOptimizerSpec:
     torch_class: str  # attribute of torch.optim, or "module:Class"
     options: tuple[str, ...]  # OptimizerConfig fields passed to the torch class
 
+
+#: OptimizerConfig fields the harness applies itself, for every base optimizer.
+HARNESS_OPTIONS = ("name", "decay_norm_and_bias")
 
 BASE_OPTIMIZERS: dict[str, BaseOptimizerSpec] = {
     "adam": BaseOptimizerSpec(
@@ -58,10 +66,16 @@ def validate_optimizer(opt: OptimizerConfig) -> None:
         "needs optimizer.momentum > 0",
         opt.nesterov,
     )
+    require(
+        opt.decay_norm_and_bias or opt.weight_decay > 0,
+        "optimizer.decay_norm_and_bias",
+        "false exempts 1-d parameters from weight decay, but optimizer.weight_decay is 0; leave it true",
+        opt.decay_norm_and_bias,
+    )
     # An option the chosen optimizer ignores would silently not do what the user asked.
     applicable = BASE_OPTIMIZERS[opt.name].options
     for f in dataclasses.fields(OptimizerConfig):
-        if f.name in applicable or f.name == "name":
+        if f.name in applicable or f.name in HARNESS_OPTIONS:
             continue
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         require(
@@ -79,6 +93,18 @@ def build_base_optimizer(params: Iterable[Any], cfg: OptimizerConfig) -> Any:
     options: dict[str, Any] = {name: getattr(cfg, name) for name in spec.options}
     if "betas" in options:
         options["betas"] = tuple(options["betas"])
+    if not cfg.decay_norm_and_bias:
+        params = decay_groups(params)
     module, _, name = spec.torch_class.rpartition(":")
     optimizer_class = getattr(importlib.import_module(module) if module else torch.optim, name)
     return optimizer_class(params, **options)
+
+
+def decay_groups(params: Iterable[Any]) -> list[dict[str, Any]]:
+    """Two parameter groups: matrices and convolution kernels with the configured weight
+    decay, 1-d parameters (normalisation scales and shifts, biases) without. The number of
+    dimensions tells them apart, so the model's module types need not be known."""
+    params = list(params)
+    decayed = [p for p in params if p.ndim > 1]
+    exempt = [p for p in params if p.ndim <= 1]
+    return [group for group in ({"params": decayed}, {"params": exempt, "weight_decay": 0.0}) if group["params"]]

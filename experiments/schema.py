@@ -29,6 +29,9 @@ class OptimizerConfig:
     momentum: float = 0.0
     nesterov: bool = False
     weight_decay: float = 0.0
+    # false: no weight decay on 1-d parameters (BatchNorm weights and biases, every bias),
+    # the usual choice for large-batch ResNet training; true: decay on every parameter.
+    decay_norm_and_bias: bool = True
     # torch's implementation switches (null: torch's default). They do not change the
     # algorithm; ``fused`` is about twice as fast for the small MLPs of this suite on CPU.
     foreach: Optional[bool] = None

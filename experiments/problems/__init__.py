@@ -13,6 +13,8 @@ PROBLEMS = Registry(
         "graduate_admissions": "experiments.problems.graduate_admissions.problem:GraduateAdmissions",
         "burgers2d": "experiments.problems.burgers.problem:Burgers2D",
         "burgers100d": "experiments.problems.burgers.problem:Burgers100D",
+        "imagenet_resnet50": "experiments.problems.images.problem:ImageNetResNet50",
+        "fashion_resnet": "experiments.problems.images.problem:FashionResNet",
         "mean_estimation": "experiments.problems.mean_estimation.problem:MeanEstimation",
     },
 )
