@@ -19,6 +19,11 @@ SAFEGUARDS = ("loss", "none")
 SOLVERS = ("gram", "qr")
 MIXINGS = ("walker_ni", "paper_eq6")
 DISTRIBUTED_LAYOUTS = ("replicated", "sharded")
+# contract: shared/spec/aadl-algorithm.md; reference_code: the authors' ORNL/AADL code
+# (aadl.reference_variant, docs/library.md "The authors' code").
+VARIANTS = ("contract", "reference_code")
+# The authors' code fixes its moving-average threshold (AADL/accelerate.py).
+REFERENCE_CODE_THRESHOLD = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,10 +48,13 @@ class AndersonSettings:
     mixing: str = "walker_ni"
     distributed: str = "replicated"
     history_device: str | None = None
+    variant: str = "contract"  # or "reference_code": the authors' code's history and averaging
 
     @property
     def window(self) -> int:
-        """The moving-average window t actually used."""
+        """The moving-average window t actually used (reference_code: its history depth)."""
+        if self.variant == "reference_code":
+            return self.history + 2
         return self.history if self.average_window is None else self.average_window
 
     def as_dict(self) -> dict[str, Any]:
@@ -114,7 +122,7 @@ def validate_settings(**settings: Any) -> AndersonSettings:
         raise _fail(
             "average_window", window, "an integer >= 2 (it defaults to history, which is 1 here)"
         )
-    return AndersonSettings(
+    settings_checked = AndersonSettings(
         history=_integer("history", s["history"], 1),
         frequency=_integer("frequency", s["frequency"], 1),
         store_every=_integer("store_every", s["store_every"], 1),
@@ -134,4 +142,38 @@ def validate_settings(**settings: Any) -> AndersonSettings:
         mixing=_choice("mixing", s["mixing"], MIXINGS),
         distributed=_choice("distributed", s["distributed"], DISTRIBUTED_LAYOUTS),
         history_device=_device("history_device", s["history_device"]),
+        variant=_choice("variant", s["variant"], VARIANTS),
     )
+    if settings_checked.variant == "reference_code":
+        _check_reference_code(settings_checked)
+    return settings_checked
+
+
+def _check_reference_code(s: AndersonSettings) -> None:
+    """Refuse the settings the authors' code has no room for, rather than ignore them.
+
+    Its moving-average window is its history depth and its threshold a constant, it mixes
+    only as Walker-Ni, and it has no sharded layout. (``average_criterion`` is moot: the
+    variant always uses the code's own criterion, and the default cannot be told apart
+    from an explicit choice.)"""
+    under = "under variant='reference_code'"
+    if s.distributed != "replicated":
+        raise _fail("distributed", s.distributed, f"'replicated' {under}")
+    if s.mixing != "walker_ni":
+        raise _fail("mixing", s.mixing, f"'walker_ni' {under} (the authors' code mixes as Walker-Ni)")
+    depth = s.history + 2
+    if s.average_window not in (None, depth):
+        raise _fail(
+            "average_window", s.average_window,
+            f"None {under} (its window is the history depth, history + 2 = {depth})",
+        )
+    if s.average_threshold != REFERENCE_CODE_THRESHOLD:
+        raise _fail(
+            "average_threshold", s.average_threshold,
+            f"{REFERENCE_CODE_THRESHOLD} {under} (the authors' code fixes it)",
+        )
+
+
+def variant_of(settings: dict) -> str:
+    """The variant a saved settings dict was made with (older checkpoints: the contract)."""
+    return settings.get("variant", "contract") if isinstance(settings, dict) else "contract"

@@ -37,7 +37,7 @@ from .closure import evaluate_loss
 from .distributed import RowLayout
 from .flat import ParameterVector
 from .history import AndersonHistory
-from .hyperparameters import AndersonSettings, validate_settings
+from .hyperparameters import AndersonSettings, validate_settings, variant_of
 from .memory import device_capacity, estimate_memory_bytes, is_allocation_failure, out_of_memory, pool_size
 from .solvers import LeastSquaresSolution, solve_normal_equations, solve_r_factor
 
@@ -82,7 +82,17 @@ class AndersonAcceleration(Optimizer):
             ``sharded`` (each rank holds 1/P of its rows).
         history_device: where the history lives (default: the parameters' device).
         process_group: the ``torch.distributed`` group (default: the world).
+        variant: ``contract`` (this class) or ``reference_code``, the authors' code's
+            history and averaging (``aadl.reference_variant``).
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any):
+        # variant="reference_code" builds its own subclass; everything else is this class.
+        if cls is AndersonAcceleration and kwargs.get("variant") == "reference_code":
+            from .reference_variant import ReferenceCodeAcceleration
+
+            cls = ReferenceCodeAcceleration
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -104,6 +114,7 @@ class AndersonAcceleration(Optimizer):
         distributed: str = "replicated",
         history_device: str | torch.device | None = None,
         process_group=None,
+        variant: str = "contract",
     ):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -128,6 +139,7 @@ class AndersonAcceleration(Optimizer):
             mixing=mixing,
             distributed=distributed,
             history_device=history_device,
+            variant=variant,
         )
         self.optimizer = optimizer
         self.process_group = process_group
@@ -479,6 +491,12 @@ class AndersonAcceleration(Optimizer):
         unreadable = format_error(saved) if isinstance(saved, dict) else None
         if unreadable:
             raise ValueError(unreadable)
+        saved_variant = variant_of(saved.get("settings"))
+        if saved_variant != self.settings.variant:
+            raise ValueError(
+                f"AndersonAcceleration.load_state_dict: the checkpoint was saved with "
+                f"variant={saved_variant!r}, this optimizer has variant={self.settings.variant!r}"
+            )
         stats_fields = tuple(f.name for f in dataclasses.fields(AccelerationStats))
         missing = missing_keys(state_dict, stats_fields)
         if missing:

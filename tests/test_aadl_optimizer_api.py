@@ -210,7 +210,7 @@ def test_average_window_defaulting_to_a_history_of_one_is_rejected():
 def test_unknown_setting_is_a_type_error_listing_the_valid_names():
     with pytest.raises(TypeError, match="histroy"):
         validate_settings(histroy=3)
-    assert "history" in SETTING_NAMES and len(SETTING_NAMES) == 15
+    assert "history" in SETTING_NAMES and len(SETTING_NAMES) == 16
 
 
 # -- parameter dtypes ---------------------------------------------------------------
