@@ -72,9 +72,22 @@ def validate(cfg: DictConfig) -> ValidatedRun:
     problem_config = _section(problem_cls.Config, run.problem, "problem.")
     method, method_sections = _validate_method(run.method)
     _validate_train(run.train, problem_cls)
+    _validate_seed_group(run)
     validate_optimizer(run.optimizer)
     _validate_schedule(run.schedule)
+    require(
+        not (run.train.precision == "fp16" and run.optimizer.name == "sgd" and run.optimizer.fused),
+        "optimizer.fused",
+        "fused SGD mishandles the fp16 loss scaler's skipped steps (torch 2.14 on CPU: after "
+        "them its parameters reach 1e14 or stay finite from one call to the next); set "
+        "optimizer.fused=null with train.precision=fp16",
+        run.optimizer.fused,
+    )
     method.check(run, problem_cls, problem_config)
+    if run.train.batch_seeds > 1 or len(run.train.seed_group or ()) > 1:
+        from experiments.batching import check_batchable  # imports torch: only when batching
+
+        check_batchable(run, problem_cls, problem_config, method)
     require(run.checkpoint.every is None or run.checkpoint.every >= 1, "checkpoint.every", "must be null or an integer >= 1", run.checkpoint.every)
     require(run.checkpoint.keep >= 1, "checkpoint.keep", "must be an integer >= 1", run.checkpoint.keep)
 
@@ -201,6 +214,12 @@ def _validate_train(train: TrainConfig, problem_cls: type) -> None:
         train.threads,
     )
     require(
+        train.batch_seeds >= 1,
+        "train.batch_seeds",
+        "must be an integer >= 1 (1: one run per process)",
+        train.batch_seeds,
+    )
+    require(
         train.precision in PRECISIONS,
         "train.precision",
         f"must be one of {list(PRECISIONS)}",
@@ -211,6 +230,25 @@ def _validate_train(train: TrainConfig, problem_cls: type) -> None:
         "train.device",
         "must be cpu, cuda, cuda:<index> or auto",
         train.device,
+    )
+
+
+def _validate_seed_group(run: RunConfig) -> None:
+    """``train.seed_group``: distinct seeds >= 0, the first of them ``seed``."""
+    group = run.train.seed_group
+    if group is None:
+        return
+    require(
+        len(group) >= 1 and all(s >= 0 for s in group) and len(set(group)) == len(group),
+        "train.seed_group",
+        "must be null or a list of distinct integers >= 0",
+        group,
+    )
+    require(
+        run.seed == group[0],
+        "seed",
+        f"must be train.seed_group's first seed ({group[0]}) when train.seed_group is set",
+        run.seed,
     )
 
 
