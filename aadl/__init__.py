@@ -4,8 +4,12 @@
 >>> opt = AndersonAcceleration(base, history=10, relaxation=0.5)
 >>> loss = loss_fn(model(x), y); opt.zero_grad(); loss.backward()
 >>> opt.step(closure=lambda: loss_fn(model(x), y))
+
+``BatchedAndersonAcceleration(base, seeds=S, ...)`` does the same for S independent copies
+of a model stacked along a leading dimension (docs/library.md, "Batched seeds").
 """
 
+from .batched import BatchedAccelerationStats, BatchedAndersonAcceleration
 from .hyperparameters import SETTING_NAMES, AndersonSettings, validate_settings
 from .memory import estimate_memory_bytes
 from .optimizer import AccelerationStats, AndersonAcceleration
@@ -14,6 +18,8 @@ __all__ = [
     "AndersonAcceleration",
     "AndersonSettings",
     "AccelerationStats",
+    "BatchedAndersonAcceleration",
+    "BatchedAccelerationStats",
     "SETTING_NAMES",
     "validate_settings",
     "estimate_memory_bytes",

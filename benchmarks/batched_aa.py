@@ -1,0 +1,199 @@
+"""S single AndersonAcceleration runs stepped one after another vs one BatchedAndersonAcceleration.
+
+    python benchmarks/batched_aa.py                  # Fig. 1 MLP, S = 20, 1 thread
+    python benchmarks/batched_aa.py --seeds 4 --rounds 20 --threads 2
+
+The model is the Fig. 1 MLP (experiments/problems/graduate_admissions: 7 -> 64 -> 64 -> 64
+-> 1, ReLU, n = 8,897), batch 40, Adam lr 0.02 (fused, as the preset), the paper's AADL
+settings (m = 10, p = q = 1, beta = 0.1; +MA: average with epsilon = 0.1). Side A is S
+nn.Sequential models, each with its own Adam and AndersonAcceleration, stepped in turn;
+side B is one batched model (layers with weights of shape (S, in, out), torch.baddbmm)
+with one Adam and one BatchedAndersonAcceleration over the stacked parameters. Each seed
+sees its own minibatch, the same on both sides.
+
+For each variant it times (median over --rounds, A and B alternated so that a shared
+machine's drift hits both alike, after a warm-up that fills the history):
+  step      the optimizer step alone, the safeguard's two forward passes included
+            (AADL: opt.step(closure)); for Adam the base step
+  iteration forward, backward and step
+and prints both sides' times per round (all S seeds) and the ratio A / B.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from aadl import AndersonAcceleration, BatchedAndersonAcceleration  # noqa: E402
+
+FEATURES, WIDTH, LAYERS, BATCH = 7, 64, 3, 40
+VARIANTS = {
+    "Adam": None,
+    "Adam+AADL": dict(history=10, frequency=1, store_every=1, relaxation=0.1),
+    "Adam+AADL+MA": dict(history=10, frequency=1, store_every=1, relaxation=0.1, average=True, average_threshold=0.1),
+}
+
+
+def _adam(params):
+    try:
+        return torch.optim.Adam(params, lr=0.02, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam(params, lr=0.02)
+
+
+def single_model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    layers, width_in = [], FEATURES
+    for _ in range(LAYERS):
+        layers += [torch.nn.Linear(width_in, WIDTH), torch.nn.ReLU()]
+        width_in = WIDTH
+    layers.append(torch.nn.Linear(width_in, 1))
+    return torch.nn.Sequential(*layers)
+
+
+class BatchedMLP(torch.nn.Module):
+    """S MLPs as one: layer l holds weights (S, in, out) and biases (S, 1, out), copied from
+    the S single models, so both sides start from the same points."""
+
+    def __init__(self, models):
+        super().__init__()
+        linears = [[m for m in model if isinstance(m, torch.nn.Linear)] for model in models]
+        self.weights = torch.nn.ParameterList(
+            torch.nn.Parameter(torch.stack([seed[i].weight.detach().T for seed in linears]).contiguous())
+            for i in range(len(linears[0]))
+        )
+        self.biases = torch.nn.ParameterList(
+            torch.nn.Parameter(torch.stack([seed[i].bias.detach()[None, :] for seed in linears]))
+            for i in range(len(linears[0]))
+        )
+
+    def forward(self, x):  # x: (S, batch, features)
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            x = torch.baddbmm(b, x, w)
+            if i < len(self.weights) - 1:
+                x = torch.relu(x)
+        return x
+
+
+def _mse_per_seed(prediction, target):
+    return ((prediction - target) ** 2).mean(dim=(1, 2))
+
+
+def build(variant: str, seeds: int):
+    settings = VARIANTS[variant]
+    singles = [single_model(s) for s in range(seeds)]
+    batched = BatchedMLP(singles)
+    single_opts = [
+        _adam(m.parameters()) if settings is None else AndersonAcceleration(_adam(m.parameters()), **settings)
+        for m in singles
+    ]
+    base = _adam(list(batched.parameters()))
+    batched_opt = base if settings is None else BatchedAndersonAcceleration(base, seeds=seeds, **settings)
+    return singles, single_opts, batched, batched_opt, settings is not None
+
+
+def minibatches(seeds: int, count: int):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(count, seeds, BATCH, FEATURES, generator=gen)
+    y = torch.rand(count, seeds, BATCH, 1, generator=gen)
+    return x, y
+
+
+def measure(variant: str, seeds: int, rounds: int, warmup: int) -> dict[str, float]:
+    singles, single_opts, batched, batched_opt, accelerated = build(variant, seeds)
+    xs, ys = minibatches(seeds, warmup + rounds)
+
+    def side_a(k: int) -> tuple[float, float]:
+        step_time = 0.0
+        start = time.perf_counter()
+        for s, (model, opt) in enumerate(zip(singles, single_opts)):
+            x, y = xs[k, s], ys[k, s]
+            loss_fn = lambda: torch.nn.functional.mse_loss(model(x), y)  # noqa: E731
+            opt.zero_grad()
+            loss_fn().backward()
+            t = time.perf_counter()
+            opt.step(loss_fn) if accelerated else opt.step()
+            step_time += time.perf_counter() - t
+        return step_time, time.perf_counter() - start
+
+    def side_b(k: int) -> tuple[float, float]:
+        start = time.perf_counter()
+        x, y = xs[k], ys[k]
+        loss_fn = lambda: _mse_per_seed(batched(x), y)  # noqa: E731
+        batched_opt.zero_grad()
+        loss_fn().sum().backward()
+        t = time.perf_counter()
+        batched_opt.step(loss_fn) if accelerated else batched_opt.step()
+        step_time = time.perf_counter() - t
+        return step_time, time.perf_counter() - start
+
+    for k in range(warmup):
+        side_a(k)
+        side_b(k)
+    a_steps, a_iterations, b_steps, b_iterations = [], [], [], []
+    for k in range(warmup, warmup + rounds):
+        first, second = (side_a, side_b) if k % 2 == 0 else (side_b, side_a)
+        results = {first: first(k), second: second(k)}
+        a_steps.append(results[side_a][0])
+        a_iterations.append(results[side_a][1])
+        b_steps.append(results[side_b][0])
+        b_iterations.append(results[side_b][1])
+    result = {
+        "A step": statistics.median(a_steps),
+        "B step": statistics.median(b_steps),
+        "A iteration": statistics.median(a_iterations),
+        "B iteration": statistics.median(b_iterations),
+    }
+    if accelerated:  # the two sides took the same decisions (a check, not a timing)
+        result["accepted A"] = sum(o.stats.aa_accepted for o in single_opts)
+        result["accepted B"] = int(batched_opt.stats.aa_accepted.sum())
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=60)
+    parser.add_argument("--warmup", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the Fig. 1 preset runs 1)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from aadl import kernels
+
+    passes = "numba loops" if kernels.compiled_loops_enabled() else "torch operations"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(
+        f"Batched AA benchmark: torch {torch.__version__}, CPU, {args.threads} thread(s), Fig. 1 MLP "
+        f"(n = 8,897), S = {args.seeds}, batch {BATCH}, median of {args.rounds} rounds, CPU passes: "
+        f"{passes}, load average {load:.1f}"
+    )
+    header = (
+        f"{'variant':<14} | {'A step':>9} {'B step':>9} {'A/B':>6} | {'A iter':>9} {'B iter':>9} {'A/B':>6} "
+        f"| {'per seed: A iter':>16} {'B iter':>8} | {'AA accepted A = B':>17}"
+    )
+    print(header)
+    print("-" * len(header))
+    for variant in VARIANTS:
+        r = measure(variant, args.seeds, args.rounds, args.warmup)
+        accepted = f"{r['accepted A']} = {r['accepted B']}" if "accepted A" in r else "-"
+        if "accepted A" in r and r["accepted A"] != r["accepted B"]:
+            accepted += " DIFFER"
+        print(
+            f"{variant:<14} | {r['A step'] * 1e3:7.2f}ms {r['B step'] * 1e3:7.2f}ms {r['A step'] / r['B step']:5.1f}x "
+            f"| {r['A iteration'] * 1e3:7.2f}ms {r['B iteration'] * 1e3:7.2f}ms "
+            f"{r['A iteration'] / r['B iteration']:5.1f}x | {r['A iteration'] / args.seeds * 1e3:14.3f}ms "
+            f"{r['B iteration'] / args.seeds * 1e3:6.3f}ms | {accepted:>17}"
+        )
+    print("A: S single models, optimizers and wrappers stepped in turn; B: one batched model and wrapper.")
+    print("step: the optimizer step (AADL: with its safeguard closure); iter: forward + backward + step.")
+
+
+if __name__ == "__main__":
+    main()
