@@ -151,7 +151,7 @@ def measure(variant: str, seeds: int, rounds: int, warmup: int) -> dict[str, flo
         "A iteration": statistics.median(a_iterations),
         "B iteration": statistics.median(b_iterations),
     }
-    if accelerated:  # the two sides took the same decisions (a check, not a timing)
+    if accelerated:  # how often each side kept AA (a check, not a timing)
         result["accepted A"] = sum(o.stats.aa_accepted for o in single_opts)
         result["accepted B"] = int(batched_opt.stats.aa_accepted.sum())
     return result
@@ -176,15 +176,13 @@ def main() -> None:
     )
     header = (
         f"{'variant':<14} | {'A step':>9} {'B step':>9} {'A/B':>6} | {'A iter':>9} {'B iter':>9} {'A/B':>6} "
-        f"| {'per seed: A iter':>16} {'B iter':>8} | {'AA accepted A = B':>17}"
+        f"| {'per seed: A iter':>16} {'B iter':>8} | {'AA accepted A / B':>17}"
     )
     print(header)
     print("-" * len(header))
     for variant in VARIANTS:
         r = measure(variant, args.seeds, args.rounds, args.warmup)
-        accepted = f"{r['accepted A']} = {r['accepted B']}" if "accepted A" in r else "-"
-        if "accepted A" in r and r["accepted A"] != r["accepted B"]:
-            accepted += " DIFFER"
+        accepted = f"{r['accepted A']} / {r['accepted B']}" if "accepted A" in r else "-"
         print(
             f"{variant:<14} | {r['A step'] * 1e3:7.2f}ms {r['B step'] * 1e3:7.2f}ms {r['A step'] / r['B step']:5.1f}x "
             f"| {r['A iteration'] * 1e3:7.2f}ms {r['B iteration'] * 1e3:7.2f}ms "
@@ -193,6 +191,10 @@ def main() -> None:
         )
     print("A: S single models, optimizers and wrappers stepped in turn; B: one batched model and wrapper.")
     print("step: the optimizer step (AADL: with its safeguard closure); iter: forward + backward + step.")
+    print(
+        "AA accepted: over all rounds and seeds. A's forward (addmm) and B's (baddbmm) round differently, "
+        "so the sides' decisions may part after many steps."
+    )
 
 
 if __name__ == "__main__":
