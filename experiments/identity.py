@@ -1,7 +1,7 @@
 """Run identity: which config keys define an experiment, its digest, and its directory.
 
 ``config_id`` is a digest of the resolved config minus where-and-how keys (seed, paths,
-progress bar, threads) and minus the settings of methods the run does not use, plus the
+progress bar, threads, seed batching) and minus the settings of methods the run does not use, plus the
 checksums of its input data. Rerunning the same command on the same data finds the same
 directory; any change that can change the numbers gives a new one.
 """
@@ -15,7 +15,22 @@ from typing import Any
 
 #: Keys that say where or how a run is stored or shown, not what it computes; they are left
 #: out of the run's identity, so changing them does not make it a different experiment.
-NON_IDENTITY_KEYS = ("seed", "data.root", "output.", "checkpoint.", "train.progress", "train.threads")
+#: Seed batching is one of them: a seed trained batched equals its single run (to rounding),
+#: so aggregation cannot tell the two apart.
+NON_IDENTITY_KEYS = (
+    "seed", "data.root", "output.", "checkpoint.", "train.progress", "train.threads",
+    "train.batch_seeds", "train.seed_group",
+)
+
+
+#: Settings added after runs were made, at the default that reproduces what those runs
+#: computed: left out of the identity at that default, so adding a setting does not orphan
+#: the finished runs of every earlier config (any other value is part of the identity).
+NEUTRAL_DEFAULTS = {
+    "train.precision": "fp32",
+    "optimizer.decay_norm_and_bias": True,
+    "method.aadl.variant": "contract",
+}
 
 
 def run_identity(resolved: dict[str, Any], data: dict[str, str]) -> dict[str, Any]:
@@ -28,6 +43,7 @@ def run_identity(resolved: dict[str, Any], data: dict[str, str]) -> dict[str, An
         for key, value in flat.items()
         if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in NON_IDENTITY_KEYS)
         and (not key.startswith("method.") or key == "method.name" or key.startswith(f"method.{method}."))
+        and not (key in NEUTRAL_DEFAULTS and value == NEUTRAL_DEFAULTS[key])
     }
     return {**identity, **data}
 

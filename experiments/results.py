@@ -225,6 +225,10 @@ def run_metadata(run: Any, device: str) -> dict[str, Any]:
 def constant_columns(run: Any) -> dict[str, Any]:
     """The columns that are the same in every row of a run."""
     cfg = run.config
+    hyperparameters = run.method.hyperparameters()
+    clash = sorted(set(hyperparameters) & set(IDENTITY_COLUMNS))
+    if clash:  # a method's column would overwrite the run's label or identity
+        raise ValueError(f"method {run.method.name}: hyperparameters() names identity column(s) {clash}; rename them")
     return {
         "experiment": cfg.experiment,
         "variant": run.variant,
@@ -232,7 +236,7 @@ def constant_columns(run: Any) -> dict[str, Any]:
         "optimizer": cfg.optimizer.name,
         "seed": cfg.seed,
         "config_id": run.config_id,
-        **run.method.hyperparameters(),
+        **hyperparameters,
     }
 
 

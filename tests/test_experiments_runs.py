@@ -43,8 +43,9 @@ def read_metrics(path) -> pd.DataFrame:
 def expected_columns(method: str, problem_metrics: list[str]) -> list[str]:
     """metrics.csv's columns: the common ones, and AADL's settings and counters where it runs."""
     aadl = method != "none"
+    settings = [("aadl_variant" if name == "variant" else name) for name in SETTING_NAMES]
     return [
-        *IDENTITY_COLUMNS, *(SETTING_NAMES if aadl else ()), *PROGRESS_COLUMNS, *problem_metrics,
+        *IDENTITY_COLUMNS, *(settings if aadl else ()), *PROGRESS_COLUMNS, *problem_metrics,
         *TRAILING_COLUMNS, *(COUNTERS if aadl else ()),
     ]
 

@@ -45,12 +45,19 @@ class AADL(Method):
     def settings_dict(self) -> dict[str, Any]:
         return self.settings.as_dict()
 
+    def hyperparameters(self) -> dict[str, Any]:
+        # "variant" is the run's label column (e.g. Adam+AADL): the library's setting of
+        # that name is written as aadl_variant.
+        return {("aadl_variant" if k == "variant" else k): v for k, v in self.settings_dict().items()}
+
     @property
     def legend_order(self) -> int:
         return 2 if self.settings.average else 1
 
     def label(self, base_label: str) -> str:
-        return base_label + ("+AADL+MA" if self.settings.average else "+AADL")
+        # The authors' variant gets its own label, so its runs never pool with the contract's.
+        aadl = "+AADL(ref)" if self.settings.variant == "reference_code" else "+AADL"
+        return base_label + aadl + ("+MA" if self.settings.average else "")
 
     def wrap(self, base: Any, model: Any) -> Any:
         from aadl import AndersonAcceleration
