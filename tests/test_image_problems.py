@@ -402,8 +402,34 @@ def test_the_data_identity_follows_the_tree(compose, image_root, tmp_path):
 
     copy = tmp_path / "root"
     shutil.copytree(image_root / "imagenet1k", copy / "imagenet1k")
-    first = validate(compose(*IMAGENET, f"data.root={copy}")).identity["data.imagenet1k.listing_sha256"]
-    assert first == validate(compose(*IMAGENET, f"data.root={image_root}")).identity["data.imagenet1k.listing_sha256"]
+    first = validate(compose(*IMAGENET, f"data.root={copy}")).identity["data.imagenet1k.sha256"]
+    assert first == validate(compose(*IMAGENET, f"data.root={image_root}")).identity["data.imagenet1k.sha256"]
     victim = next((copy / "imagenet1k" / "train").rglob("*.png"))
     victim.rename(victim.with_name("renamed.png"))
-    assert validate(compose(*IMAGENET, f"data.root={copy}")).identity["data.imagenet1k.listing_sha256"] != first
+    assert validate(compose(*IMAGENET, f"data.root={copy}")).identity["data.imagenet1k.sha256"] != first
+
+
+# --- the gap table -------------------------------------------------------------------------
+
+def test_the_gap_table_pairs_seeds_and_says_how_much_of_the_baseline_s_gap_a_variant_closes(tmp_path, write_run):
+    from experiments.analysis import aggregate, batch_gap
+
+    # Final val_top1 by (variant, batch, seed): SGD loses 0.10 at the large batch, AADL 0.10,
+    # AADL+MA 0.04 (it closes 0.06 of the gap), each seed shifted alike.
+    final = {"SGD": (0.90, 0.80), "SGD+AADL": (0.91, 0.81), "SGD+AADL+MA": (0.90, 0.86)}
+    for variant, (small, large) in final.items():
+        for batch, value in ((128, small), (1024, large)):
+            for seed, shift in enumerate((0.0, 0.01, -0.01)):
+                write_run(tmp_path, variant=variant, seed=seed, val_loss=[1.0, 0.5], experiment="fashion_resnet",
+                          identity={"problem.local_batch": batch, "data.fashion_mnist.sha256": "ab" * 32},
+                          metrics={"val_top1": [0.1, value + shift]})
+    raw = batch_gap.gap_table(aggregate.load_results(tmp_path))
+    table = raw.set_index("variant")
+    assert list(table.index) == ["SGD", "SGD+AADL", "SGD+AADL+MA"] and (table["seeds"] == 3).all()
+    np.testing.assert_allclose(table["gap_mean"], [-0.10, -0.10, -0.04], atol=1e-12)
+    np.testing.assert_allclose(table["gap_high"] - table["gap_low"], 0, atol=1e-12)  # paired: no spread
+    np.testing.assert_allclose(table.loc[["SGD+AADL", "SGD+AADL+MA"], "closes_mean"], [0.0, 0.06], atol=1e-12)
+    assert np.isnan(table.loc["SGD", "closes_mean"])
+    np.testing.assert_allclose(table["small_val_top1_mean"], [0.90, 0.91, 0.90])
+    text = batch_gap.to_markdown(raw)
+    assert "| SGD+AADL+MA | 3 | 90.00" in text and "6.00 [6.00, 6.00]" in text
