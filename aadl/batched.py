@@ -22,8 +22,8 @@ Numerics are the single wrapper's. The passes over n rows run the same arithmeti
 seed; on the CPU with numba they are the single wrapper's own compiled loops, called per
 seed from one compiled loop over the seeds, so a seed's dot products and mixed point are
 bitwise the single run's. The small solves are one batched LAPACK call, whose last bits
-can differ from one call per system (MKL's results depend on each matrix's alignment in
-the batch): float32 coefficients almost never notice (the runs of the tests are bitwise
+can differ from one call per system (MKL's batched routines are not bitwise one call per
+matrix): float32 coefficients almost never notice (the tests' float32 runs are bitwise
 equal), float64 ones carry the difference, which AA on a network may amplify over many
 steps (see docs/library.md, "Batched seeds").
 """
