@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 _foreach_copy = getattr(torch, "_foreach_copy_", None)
@@ -71,9 +72,67 @@ class ParameterVector:
         self._all_contiguous = all(p.is_contiguous() for p in self.params)
         # Scatter sources are a few long-lived buffers: keep their per-parameter views.
         self._views_cache: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+        # CPU float32/float64: numpy views of the parameters, made on first use (None:
+        # not applicable). A numpy copy of a small tensor costs a fraction of a torch op's
+        # dispatch, which is most of a gather at small n.
+        self._arrays: list[np.ndarray] | None = None
+        self._arrays_checked = False
+        self._pointers: list[int] = []
+
+    def __getstate__(self) -> dict:
+        # A copy's numpy views must be of the copy's parameters: made again on first use.
+        return {**self.__dict__, "_arrays": None, "_arrays_checked": False, "_pointers": []}
 
     def same_parameters(self, params: Sequence[torch.Tensor]) -> bool:
         return len(params) == len(self.params) and all(a is b for a, b in zip(params, self.params))
+
+    def _parameter_arrays(self) -> list[np.ndarray] | None:
+        """1-d numpy views of the parameters, or None where numpy cannot serve (not the
+        whole vector, not contiguous CPU float32/float64, or a parameter's storage was
+        re-pointed since: ``p.data = ...`` moves ``data_ptr``, and the views keep the old
+        storage alive, so an equal pointer is the same memory)."""
+        if not self._arrays_checked:
+            self._arrays_checked = True
+            if (
+                self._whole
+                and self._all_contiguous
+                and self.device.type == "cpu"
+                and self.dtype in (torch.float32, torch.float64)
+                and all(p.dtype == self.dtype and p.device == self.device for p in self.params)
+            ):
+                self._arrays = [p.detach().numpy().reshape(-1) for p in self.params]
+                self._pointers = [p.data_ptr() for p in self.params]
+        arrays = self._arrays
+        if arrays is None:
+            return None
+        for p, pointer in zip(self.params, self._pointers):
+            if p.data_ptr() != pointer or not p.is_contiguous():
+                self._all_contiguous = all(q.is_contiguous() for q in self.params)
+                self._arrays, self._arrays_checked = None, False  # rebuilt for the new storage
+                return self._parameter_arrays()
+        return arrays
+
+    def gather_array(self, out: np.ndarray) -> bool:
+        """Copy w into the numpy array ``out`` (the numpy view of a CPU buffer); False,
+        copying nothing, where the numpy views do not apply (then use ``gather``)."""
+        arrays = self._parameter_arrays()
+        if arrays is None:
+            return False
+        np.concatenate(arrays, out=out[: self.n])
+        return True
+
+    def scatter_array(self, full: np.ndarray) -> bool:
+        """Set every parameter from ``full[:n]`` (numpy); False, setting nothing, where the
+        numpy views do not apply (then use ``scatter``)."""
+        arrays = self._parameter_arrays()
+        if arrays is None:
+            return False
+        offset = 0
+        for array in arrays:
+            size = array.shape[0]
+            array[:] = full[offset : offset + size]
+            offset += size
+        return True
 
     def gather(self, out: torch.Tensor) -> torch.Tensor:
         """Copy the owned rows of w into ``out[: stop - start]``."""

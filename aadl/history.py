@@ -36,6 +36,23 @@ class AndersonHistory:
         self.stored_dots = torch.zeros(capacity, dtype=torch.float64, device=device)
         self.count = 0  # columns held
         self.next_slot = 0  # slot the next column goes to
+        # The m x m bookkeeping is a handful of tiny operations per append: on the CPU
+        # they go through numpy views of the same memory (a torch call's dispatch costs
+        # more than the arithmetic at this size).
+        self._make_views()
+
+    def _make_views(self) -> None:
+        on_cpu = self.gram.device.type == "cpu"
+        self._gram_array = self.gram.numpy() if on_cpu else None
+        self._stored_dots_array = self.stored_dots.numpy() if on_cpu else None
+
+    def __getstate__(self) -> dict:
+        # A copy's numpy views must be of the copy's tensors, not copies of their own.
+        return {k: v for k, v in self.__dict__.items() if k not in ("_gram_array", "_stored_dots_array")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._make_views()
 
     def __len__(self) -> int:
         return self.count
@@ -60,11 +77,17 @@ class AndersonHistory:
         self.next_slot = (slot + 1) % self.capacity
         held = self.count
         b, square = row_dots_and_square(self.dR[:held], residual, slot)
-        new_column = b - self.stored_dots[:held]
-        new_column[slot] = square
-        self.gram[slot, :held] = new_column
-        self.gram[:held, slot] = new_column
-        self.stored_dots[:held] = b
+        gram, stored_dots = self._gram_array, self._stored_dots_array
+        if gram is None or b.device.type != "cpu":
+            gram, stored_dots = self.gram, self.stored_dots
+            b_values, square_value = b, square
+        else:
+            b_values, square_value = b.numpy(), float(square)
+        new_column = b_values - stored_dots[:held]
+        new_column[slot] = square_value
+        gram[slot, :held] = new_column
+        gram[:held, slot] = new_column
+        stored_dots[:held] = b_values
         return b
 
     def dots(self, vector: torch.Tensor) -> torch.Tensor:

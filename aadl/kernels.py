@@ -23,6 +23,7 @@ QR, the moving-average statistics) is split into row blocks:
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -151,11 +152,26 @@ def _compiled_blocks(
     """Run ``work(starts, stops, partials)`` for each worker's range of CPU blocks, where
     ``partials`` is that range's part of a float64 array of one ``partial_shape`` result
     per block; returns the whole array, in block order."""
-    bounds = np.asarray(_block_bounds(length, torch.device("cpu")), dtype=np.int64).reshape(-1, 2)
-    starts, stops = np.ascontiguousarray(bounds[:, 0]), np.ascontiguousarray(bounds[:, 1])
+    starts, stops = _cpu_block_arrays(length)
     partials = np.zeros((len(starts), *partial_shape))
     _map_chunks(len(starts), torch.device("cpu"), lambda a, b: work(starts[a:b], stops[a:b], partials[a:b]))
     return partials
+
+
+_block_arrays: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _cpu_block_arrays(length: int) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, stops) of the CPU row blocks of ``length`` rows, made once per length: a
+    step at small n would otherwise spend more building them than in the loops."""
+    arrays = _block_arrays.get(length)
+    if arrays is None:
+        bounds = np.asarray(_block_bounds(length, torch.device("cpu")), dtype=np.int64).reshape(-1, 2)
+        arrays = np.ascontiguousarray(bounds[:, 0]), np.ascontiguousarray(bounds[:, 1])
+        if len(_block_arrays) > 64:  # lengths are a few per model; never let it grow unbounded
+            _block_arrays.clear()
+        _block_arrays[length] = arrays
+    return arrays
 
 
 def _thread_scratch(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -268,7 +284,10 @@ def mix(
         def compiled_work(starts: np.ndarray, stops: np.ndarray, sums: np.ndarray) -> None:
             _compiled.block_mix(*arrays, shift_array, weight, starts, stops, sums)
 
-        total = torch.tensor(_compiled_blocks(length, (), compiled_work).sum(), dtype=torch.float64)
+        total = float(_compiled_blocks(length, (), compiled_work).sum())
+        if math.isfinite(total) or not _every_entry_finite(out):
+            return torch.tensor(total, dtype=torch.float64)
+        return torch.zeros((), dtype=torch.float64)
     else:
 
         def work(lo: int, hi: int) -> torch.Tensor:
@@ -279,13 +298,14 @@ def mix(
             return piece.sum()
 
         total = torch.stack(map_blocks(out.numel(), out.device, work)).to(torch.float64).sum()
-    if not bool(torch.isfinite(total)):
-        every_entry_finite = all(
-            bool(b) for b in map_blocks(out.numel(), out.device, lambda lo, hi: torch.isfinite(out[lo:hi]).all())
-        )
-        if every_entry_finite:
-            return torch.zeros((), dtype=torch.float64, device=out.device)
+    if not bool(torch.isfinite(total)) and _every_entry_finite(out):
+        return torch.zeros((), dtype=torch.float64, device=out.device)
     return total
+
+
+def _every_entry_finite(out: torch.Tensor) -> bool:
+    """The exact check behind a non-finite sum (the rare overflow path of ``mix``)."""
+    return all(bool(b) for b in map_blocks(out.numel(), out.device, lambda lo, hi: torch.isfinite(out[lo:hi]).all()))
 
 
 def streaming_r_factor(rows: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch.optim import Optimizer
 
@@ -40,6 +41,13 @@ from .history import AndersonHistory
 from .hyperparameters import AndersonSettings, validate_settings, variant_of
 from .memory import device_capacity, estimate_memory_bytes, is_allocation_failure, out_of_memory, pool_size
 from .solvers import LeastSquaresSolution, solve_normal_equations, solve_r_factor
+
+# The lean path (docs/library.md, "Memory and speed"): at n up to this many parameters on
+# the CPU, one process, the step's n-sized copies and differences run as numpy operations
+# on views of the same memory, whose dispatch costs a fraction of a torch call's; above it
+# torch's intra-op threads pay for theirs. It changes the dispatch, never a result: the
+# same IEEE operations on the same entries, bitwise (tests/test_aadl_lean_path.py).
+LEAN_MAX_N = 1 << 16
 
 
 @dataclasses.dataclass
@@ -190,6 +198,7 @@ class AndersonAcceleration(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.__dict__.setdefault("_closure_error", None)  # pickled by an older aadl
+        self.__dict__.setdefault("_lean", False)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -247,6 +256,13 @@ class AndersonAcceleration(Optimizer):
         self._layout = layout
         self._pool, self._full, self._history, self._average = pool, full, history, average
         self._stored: tuple[torch.Tensor, torch.Tensor] | None = None  # (u_s, r_s)
+        self._lean = (
+            whole.n <= LEAN_MAX_N
+            and layout.world_size == 1
+            and device.type == "cpu"
+            and whole.device.type == "cpu"
+            and dtype in (torch.float32, torch.float64)
+        )
 
     def _sync_parameters(self) -> None:
         params = self._trainable_parameters()
@@ -300,13 +316,13 @@ class AndersonAcceleration(Optimizer):
 
         # 1. w_k, then 2. the base step and r_k = w_after - w_k.
         if needs_residual:
-            w_before = self._rows.gather(self._free_buffer(stored_u, stored_r))
+            w_before = self._gather(self._free_buffer(stored_u, stored_r))
         self.optimizer.step()
         self.stats.steps = k
         if not needs_residual:
             return None
-        w_after = self._rows.gather(self._free_buffer(stored_u, stored_r, w_before))
-        residual = torch.sub(w_after, w_before, out=w_before)
+        w_after = self._gather(self._free_buffer(stored_u, stored_r, w_before))
+        residual = self._subtract(w_after, w_before, out=w_before)
 
         rhs = self._store(w_after, residual) if store else None  # 3.
         loss = self._accelerate(closure, w_after, residual, rhs) if accelerate else None  # 4.
@@ -328,7 +344,7 @@ class AndersonAcceleration(Optimizer):
         if previous is not None:
             stored_u, stored_r = previous
             slot = history.open_slot()
-            torch.sub(residual, stored_r, out=history.dR[slot])  # dR = r_k - r_s
+            self._subtract(residual, stored_r, out=history.dR[slot])  # dR = r_k - r_s
         # u_k = w_k + c r_k = w_after - (1 - c) r_k; with c = 1 that is w_after itself.
         if c == 1.0:
             u = w_after
@@ -338,7 +354,7 @@ class AndersonAcceleration(Optimizer):
         self._stored = (u, residual)
         if previous is None:
             return None  # the first pair: nothing to difference yet (the history is empty)
-        torch.sub(u, stored_u, out=history.X[slot])  # X = dW + c dR = u_k - u_s
+        self._subtract(u, stored_u, out=history.X[slot])  # X = dW + c dR = u_k - u_s
         return history.append(slot, residual)
 
     def _accelerate(
@@ -368,11 +384,15 @@ class AndersonAcceleration(Optimizer):
         total = kernels.mix(
             candidate, w_after, history.X[history.active()], coefficients, residual, beta - 1.0
         )
-        # Shards agree on the number of shards holding a non-finite entry; summing the
-        # shards' totals instead could overflow where every entry is finite.
-        nonfinite_shards = (~torch.isfinite(total)).to(torch.float64).reshape(1)
-        if float(self._layout.sum_over_shards(nonfinite_shards)) > 0:
-            return None
+        if not self._layout.sharded:
+            if not math.isfinite(float(total)):
+                return None
+        else:
+            # Shards agree on the number of shards holding a non-finite entry; summing the
+            # shards' totals instead could overflow where every entry is finite.
+            nonfinite_shards = (~torch.isfinite(total)).to(torch.float64).reshape(1)
+            if float(self._layout.sum_over_shards(nonfinite_shards)) > 0:
+                return None
 
         if s.safeguard == "loss" and closure is None and not self._warned_no_closure:
             warnings.warn(
@@ -438,11 +458,28 @@ class AndersonAcceleration(Optimizer):
 
     def _write_parameters(self, local: torch.Tensor) -> None:
         """Set the parameters from this rank's rows of w (all-gathered when sharded)."""
+        if self._lean and self._whole.scatter_array(local.numpy()):
+            return
         if self._layout.sharded:
             local = self._layout.gather_shards(local, self._full)
         self._whole.scatter(local)
 
+    def _gather(self, out: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of w, copied into ``out``."""
+        if self._lean and self._rows.gather_array(out.numpy()):
+            return out
+        return self._rows.gather(out)
+
+    def _subtract(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out = a - b`` (exactly rounded either way, so both dispatches agree bitwise)."""
+        if self._lean:
+            np.subtract(a.numpy(), b.numpy(), out=out.numpy())
+            return out
+        return torch.sub(a, b, out=out)
+
     def _mean_over_ranks(self, *losses: Any) -> list[float]:
+        if self._layout.world_size == 1:
+            return [float(loss) for loss in losses]
         values = torch.tensor(
             [float(loss) for loss in losses], dtype=torch.float64, device=self._layout.device
         )
