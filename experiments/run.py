@@ -124,6 +124,9 @@ def execute(cfg: DictConfig, *, worker: bool = False, ranks: Ranks = Ranks()) ->
     writes the run directory; every rank writes its own checkpoints). Raises ConfigError,
     DatasetError or RunError before anything is written, and RunPreempted when a signal
     stopped the run (after its checkpoint).
+
+    A config with ``train.seed_group`` of several seeds trains them batched in this process
+    (experiments/seed_groups.py) and returns a list: one RunOutcome per seed.
     """
     import torch
 
@@ -133,6 +136,12 @@ def execute(cfg: DictConfig, *, worker: bool = False, ranks: Ranks = Ranks()) ->
 
     parallel = DataParallel(ranks.world_size, ranks.rank)
     run = validate(cfg)
+    if run.config.train.seed_group is not None:
+        from experiments.seed_groups import execute_group, member_config
+
+        if len(run.config.train.seed_group) > 1:
+            return execute_group(cfg, worker=worker, ranks=ranks)
+        run = validate(member_config(cfg, run.config.seed))  # a group of one is a single run
     settings = run.config
     final = RunDirectory(run.path)
 
@@ -157,7 +166,7 @@ def execute(cfg: DictConfig, *, worker: bool = False, ranks: Ranks = Ranks()) ->
 
     device = torch.device(ranks.device) if ranks.device else resolve_device(settings.train.device)
     check_device(device, settings.train.device)
-    threads = settings.train.threads or (1 if worker else ranks.threads)
+    threads = torch_threads(settings, worker, ranks)
     if threads:
         torch.set_num_threads(threads)
     # Loads and checks the data, so a missing or wrong file fails before the directory exists.
@@ -203,6 +212,15 @@ def execute(cfg: DictConfig, *, worker: bool = False, ranks: Ranks = Ranks()) ->
 @contextmanager
 def _held() -> Iterator[bool]:
     yield True  # ranks other than 0 follow rank 0's lock
+
+
+def torch_threads(settings: Any, worker: bool, ranks: Ranks) -> Optional[int]:
+    """torch's intra-op threads for this process (None: torch's default): ``train.threads``
+    where set (the experiment configs set 1 for their small networks: more threads only
+    contend, and under load from other processes 2 threads ran a Burgers run 4-12x slower
+    than 1); else 1 in a multirun worker (the launcher runs one job per core), and for one
+    of several ranks its share of the node's cores (experiments.world.default_threads)."""
+    return settings.train.threads or (1 if worker else ranks.threads)
 
 
 def _rank_suffix(ranks: Ranks) -> Optional[int]:
@@ -435,15 +453,33 @@ class ValidateSweep(Callback):
     and SIGINT stop the worker processes too."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from experiments.seed_groups import group_sweep, seed_groups
+
         overrides = list(config.hydra.overrides.task)
         jobs = sweep_overrides(overrides)
+        runs = []
         for index, job in enumerate(jobs):
             try:
-                validate(expand_sweep(job)[0])
+                runs.append(validate(expand_sweep(job)[0]))
             except (ConfigError, DatasetError) as error:
                 print(f"error: job {index} of {len(jobs)} ({' '.join(job)}): {error}", file=sys.stderr)
                 sys.exit(2)
-        print(f"[experiments.run] {len(jobs)} job(s) validated", file=sys.stderr)
+        try:
+            groups = seed_groups(jobs, runs)
+        except ConfigError as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+        if groups is None:
+            print(f"[experiments.run] {len(jobs)} job(s) validated", file=sys.stderr)
+        else:
+            # Each job now trains one group of seeds batched (train.batch_seeds=1: one per run).
+            group_sweep(config, groups)
+            processes = len(jobs) // sum(len(group) for group in groups) * len(groups)
+            print(
+                f"[experiments.run] {len(jobs)} run(s) validated; seeds batched "
+                f"{runs[0].config.train.batch_seeds} per process: {processes} job(s)",
+                file=sys.stderr,
+            )
         _stop_workers_with_parent()
 
 

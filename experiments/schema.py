@@ -78,6 +78,13 @@ class TrainConfig:
     stop_on_divergence: bool = True
     # Autocast of the loss: fp32 (none), bf16, or fp16 with loss scaling (GradScaler).
     precision: str = "fp32"
+    # Seeds of a multirun trained together in one process as one batched model, each into
+    # its own run directory (experiments/batching.py); 1: one run per process. A single
+    # run trains its own seed whatever this says.
+    batch_seeds: int = 1
+    # The seeds this process trains batched (a multirun sets it from batch_seeds; seed
+    # must be its first); null: seed alone.
+    seed_group: Optional[List[int]] = None
 
 
 @dataclass

@@ -4,6 +4,11 @@ The problem supplies data, model, loss and evaluation; the method wraps the base
 (experiments.methods). This module builds both from the config into a
 :class:`TrainingState`, applies the learning-rate schedule per budget unit, runs the steps,
 watches for divergence and hands one row of metrics per evaluation to a callback.
+
+The same loop trains S seeds batched (experiments/batching.py): the problem is then a
+``SeedGroupProblem`` with ``lanes`` = S, the state keeps one loss accumulator and one
+divergence flag per lane, each lane gets its own rows, and a lane that diverges stops at
+its own step (recorded and handed to ``on_lane_end``) while the others go on.
 """
 
 from __future__ import annotations
@@ -72,13 +77,18 @@ class TrainingState:
     first_nonfinite_step: Optional[torch.Tensor] = None
     elapsed: float = 0.0  # seconds of training before ``started``
     started: float = field(default_factory=time.perf_counter)
+    # None: one run. S: S seeds batched, the accumulators above hold one value per lane.
+    lanes: Optional[int] = None
+    # Lanes that stopped (diverged) while the others go on; they are no longer written.
+    lanes_ended: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         device = next(self.model.parameters()).device
+        shape = () if self.lanes is None else (self.lanes,)
         if self.loss_sum is None:
-            self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            self.loss_sum = torch.zeros(shape, dtype=torch.float64, device=device)
         if self.first_nonfinite_step is None:
-            self.first_nonfinite_step = torch.full((), -1, dtype=torch.int64, device=device)
+            self.first_nonfinite_step = torch.full(shape, -1, dtype=torch.int64, device=device)
 
     def record_loss(self, loss: torch.Tensor) -> None:
         loss = loss.detach()
@@ -93,6 +103,16 @@ class TrainingState:
         self.loss_sum.zero_()
         self.loss_count = 0
         return mean
+
+    def lane_mean_losses(self, lanes: list[int], *, reset: bool) -> list[float]:
+        """Each lane's mean minibatch loss since the last reset (NaN before any step); a
+        reset (every running lane evaluated) starts the next mean."""
+        sums = self.loss_sum.tolist()
+        means = [sums[lane] / self.loss_count if self.loss_count else math.nan for lane in lanes]
+        if reset:
+            self.loss_sum.zero_()
+            self.loss_count = 0
+        return means
 
     def wall_time(self) -> float:
         return self.elapsed + time.perf_counter() - self.started
@@ -112,6 +132,7 @@ class TrainingState:
             "loss_count": self.loss_count,
             "first_nonfinite_step": self.first_nonfinite_step.cpu(),
             "elapsed": self.wall_time(),
+            **({} if self.lanes is None else {"lanes": self.lanes, "lanes_ended": list(self.lanes_ended)}),
         }
 
     def load_state_dict(self, state: dict[str, Any], problem: Problem) -> None:
@@ -124,14 +145,23 @@ class TrainingState:
         self.loss_count = state["loss_count"]
         self.first_nonfinite_step.copy_(state["first_nonfinite_step"])
         self.elapsed, self.started = state["elapsed"], time.perf_counter()
+        if self.lanes is not None:
+            self.lanes_ended = sorted(set(self.lanes_ended) | set(state["lanes_ended"]))
 
-    def divergence(self) -> Optional[dict[str, Any]]:
-        """Where the run first went non-finite: a training loss, or else the parameters."""
-        first = int(self.first_nonfinite_step)
+    def divergence(self, lane: Optional[int] = None, unit: Optional[int] = None) -> Optional[dict[str, Any]]:
+        """Where the run (or lane ``lane``) first went non-finite: a training loss, or else
+        the parameters; ``unit`` is the budget unit it is reported in (default: the last
+        one completed)."""
+        unit = self.unit if unit is None else unit
+        first = int(self.first_nonfinite_step if lane is None else self.first_nonfinite_step[lane])
         if first >= 0:
-            return {"step": first, "unit": self.unit, "quantity": "train_loss"}
-        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
-            return {"step": self.step, "unit": self.unit, "quantity": "parameters"}
+            return {"step": first, "unit": unit, "quantity": "train_loss"}
+        if lane is None:
+            finite = all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+        else:
+            finite = self.model.lane_finite(lane)
+        if not finite:
+            return {"step": self.step, "unit": unit, "quantity": "parameters"}
         return None
 
 
@@ -169,14 +199,15 @@ def train(
     run: Any,
     state: TrainingState,
     *,
-    on_evaluation: Callable[[dict[str, Any]], None],
+    on_evaluation: Callable[..., None],
     progress: bool = False,
     should_stop: Callable[[], Optional[str]] = lambda: None,
     save_checkpoint: Callable[[], None] = lambda: None,
     checkpoint_every: Optional[int] = None,
     parallel: DataParallel = DataParallel(),
     precision: Optional[Precision] = None,
-) -> TrainingOutcome:
+    on_lane_end: Callable[[int, TrainingOutcome], None] = lambda lane, outcome: None,
+) -> Any:
     """Train one seed from ``state``; call ``on_evaluation(row)`` before the first step,
     every ``train.eval_every`` budget units and after the last one.
 
@@ -193,6 +224,11 @@ def train(
     and, when ``should_stop`` reports a signal, between two steps before TrainingStopped is
     raised. A ``state`` restored from a checkpoint continues where it was saved, inside a
     unit too.
+
+    With ``state.lanes`` = S (a seed group, experiments/batching.py) every lane is a run of
+    its own: ``on_evaluation(row, lane)`` gets its rows, a lane that stops early (diverged)
+    is handed to ``on_lane_end(lane, outcome)`` at that step and the others go on, and the
+    return value is the S outcomes, one per lane (None for lanes ended before ``state``).
     """
     cfg = run.config
     method = run.method
@@ -201,15 +237,22 @@ def train(
     device = state.loss_sum.device
     if precision is None:
         precision = Precision.build(cfg.train.precision, device)
+    batched = state.lanes is not None
+    context_type = getattr(problem, "step_context", StepContext)
 
     def agreed_first_nonfinite() -> int:
         first = parallel.max_int(int(state.first_nonfinite_step), device)
         state.first_nonfinite_step.fill_(first)
         return first
     epoch_budget = problem.budget_unit == "epoch"
-    diverged: Optional[dict[str, Any]] = None
-    last_row: dict[str, Any] = {}
+    lanes = list(range(state.lanes)) if batched else [None]
+    diverged: dict[Optional[int], Optional[dict[str, Any]]] = {lane: None for lane in lanes}
+    last_row: dict[Optional[int], dict[str, Any]] = {lane: {} for lane in lanes}
+    outcomes: dict[Optional[int], TrainingOutcome] = {}
     bar = tqdm(total=run.budget, initial=state.unit, unit=problem.budget_unit, disable=not progress, mininterval=0.5, dynamic_ncols=True)
+
+    def running() -> list[Optional[int]]:
+        return [lane for lane in lanes if lane not in state.lanes_ended]
 
     samples_per_step = getattr(problem, "samples_per_step", None)
     since_row = {"step": state.step, "time": time.perf_counter()}  # training time only
@@ -222,36 +265,61 @@ def train(
         steps, seconds = state.step - since_row["step"], time.perf_counter() - since_row["time"]
         return {"samples_per_second": steps * samples_per_step / seconds if steps else math.nan}
 
-    def evaluate(lr: float) -> None:
-        nonlocal last_row, diverged
+    def evaluate(lr: float, which: list[Optional[int]], unit: int) -> None:
+        """Rows for the lanes ``which`` (all running lanes, or those stopping now inside
+        unit ``unit``)."""
         speed = throughput()
         model.eval()
-        metrics = {**problem.evaluate(model), **speed}  # every rank evaluates (its shard or all)
+        if batched:
+            metrics_of = problem.evaluate_lanes(model, which)
+        else:
+            metrics_of = [problem.evaluate(model)]  # every rank evaluates (its shard or all)
         model.train()
         parallel.mean_(state.loss_sum)
-        agreed_first_nonfinite()
-        last_row = {
-            "step": state.step,
-            "epoch": state.unit if epoch_budget else None,
-            "train_loss": state.take_mean_loss(),
-            **metrics,
-            "lr": lr,
-            "wall_time": state.wall_time(),
-            **method.counter_values(optimizer),
-        }
-        if diverged is None:
-            diverged = state.divergence()
-            if diverged is None and not math.isfinite(metrics["val_loss"]):
-                diverged = {"step": state.step, "unit": state.unit, "quantity": "val_loss"}
-        on_evaluation(last_row)
-        bar.set_postfix(val_loss=f"{metrics['val_loss']:.3e}", refresh=False)
+        if batched:
+            train_losses = state.lane_mean_losses(which, reset=which == running())
+        else:
+            agreed_first_nonfinite()
+            train_losses = [state.take_mean_loss()]
+        for lane, lane_metrics, train_loss in zip(which, metrics_of, train_losses):
+            metrics = {**lane_metrics, **speed}
+            row = {
+                "step": state.step,
+                "epoch": unit if epoch_budget else None,
+                "train_loss": train_loss,
+                **metrics,
+                "lr": lr,
+                "wall_time": state.wall_time(),
+                **(problem.counter_values(method, optimizer, lane) if batched else method.counter_values(optimizer)),
+            }
+            last_row[lane] = row
+            if diverged[lane] is None:
+                diverged[lane] = state.divergence(lane, unit)
+                if diverged[lane] is None and not math.isfinite(metrics["val_loss"]):
+                    diverged[lane] = {"step": state.step, "unit": unit, "quantity": "val_loss"}
+            if batched:
+                on_evaluation(row, lane)
+            else:
+                on_evaluation(row)
+            bar.set_postfix(val_loss=f"{metrics['val_loss']:.3e}", refresh=False)
         since_row.update(step=state.step, time=time.perf_counter())
+
+    def end_diverged_lanes() -> None:
+        """A seed group's lanes that diverged stop here (a single run stops its loop)."""
+        if not (batched and stopping):
+            return
+        for lane in running():
+            if diverged[lane] is not None:
+                state.lanes_ended.append(lane)
+                outcomes[lane] = TrainingOutcome(last_row[lane], diverged[lane])
+                on_lane_end(lane, outcomes[lane])
 
     stopping = cfg.train.stop_on_divergence
     with bar:
         if state.unit == 0 and state.batch_in_unit == 0:
-            evaluate(scheduled_lr(0, cfg.optimizer.lr, cfg.schedule))
-        while state.unit < run.budget and not (stopping and diverged):
+            evaluate(scheduled_lr(0, cfg.optimizer.lr, cfg.schedule), running(), state.unit)
+            end_diverged_lanes()
+        while state.unit < run.budget and (running() if batched else not (stopping and diverged[None])):
             unit = state.unit + 1
             lr = scheduled_lr(unit - 1, cfg.optimizer.lr, cfg.schedule)
             for group in optimizer.param_groups:
@@ -263,7 +331,7 @@ def train(
                 state.unit_data_state = problem.state_dict()
             nonfinite = False  # a non-finite loss seen at a periodic check
             for index, batch in enumerate(problem.batches_from(unit, skip), start=skip):
-                context = StepContext(
+                context = context_type(
                     problem=problem, net=net, model=model, optimizer=optimizer, parallel=parallel,
                     batch=parallel.local_batch(batch, problem), unit=unit, index=index,
                     unit_data_state=state.unit_data_state, precision=precision,
@@ -278,13 +346,32 @@ def train(
                 if reason is not None:
                     save_checkpoint()
                     raise TrainingStopped(reason)
-                if stopping and state.step % DIVERGENCE_CHECK_STEPS == 0 and agreed_first_nonfinite() >= 0:
-                    nonfinite = True
-                    break
+                if stopping and state.step % DIVERGENCE_CHECK_STEPS == 0:
+                    if not batched:
+                        if agreed_first_nonfinite() >= 0:
+                            nonfinite = True
+                            break
+                        continue
+                    firsts = state.first_nonfinite_step.tolist()
+                    stopped = [lane for lane in running() if firsts[lane] >= 0]
+                    if stopped:  # these lanes stop inside the unit, as their single runs would
+                        evaluate(lr, stopped, unit)
+                        end_diverged_lanes()
+                        if not running():
+                            break
+            if not running():
+                break
             state.unit, state.batch_in_unit = unit, 0
             if unit % cfg.train.eval_every == 0 or unit == run.budget or nonfinite:
-                evaluate(lr)
+                evaluate(lr, running(), state.unit)
+                end_diverged_lanes()
             bar.update(1)
             if checkpoint_every and unit % checkpoint_every == 0 and unit < run.budget:
                 save_checkpoint()
-    return TrainingOutcome(last_row, diverged)
+    if not batched:
+        return TrainingOutcome(last_row[None], diverged[None])
+    for lane in running():
+        outcomes[lane] = TrainingOutcome(last_row[lane], diverged[lane])
+        state.lanes_ended.append(lane)
+        on_lane_end(lane, outcomes[lane])
+    return [outcomes.get(lane) for lane in lanes]

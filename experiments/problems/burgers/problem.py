@@ -293,6 +293,16 @@ class BurgersProblem(Problem):
         mse_u, mse_f = self.loss_terms(model, batch)
         return mse_u + mse_f
 
+    def batched_loss(self, model: torch.nn.Module, tensors: dict[str, Tensor], batch: PinnBatch) -> Tensor:
+        """The (S,) losses of S stacked copies of the network (experiments/batching.py):
+        this loss, lane by lane, on views of the stacked parameters, so each lane computes
+        exactly what its single run does (a step here is large enough that batching its
+        matrix products gains nothing). The loss depends on the seed only through the batch,
+        so one problem serves every lane."""
+        from experiments.batching import lane_by_lane_loss
+
+        return lane_by_lane_loss(self, model, tensors, batch)
+
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         with torch.no_grad():
             mse_u, mse_f = self.loss_terms(model, self._validation)

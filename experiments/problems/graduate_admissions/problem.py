@@ -108,6 +108,22 @@ class GraduateAdmissions(Problem):
         features, target = batch
         return torch.nn.functional.mse_loss(model(features).squeeze(-1), target)
 
+    def batched_loss(
+        self, model: torch.nn.Module, tensors: dict[str, torch.Tensor], batch: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        """The (S,) losses of S stacked copies of the MLP (experiments/batching.py): every
+        layer one batched product over the seeds, each seed's values exactly its single run's."""
+        from experiments.batching import stacked_linear
+
+        features, target = batch  # (S, B, features), (S, B)
+        hidden = features
+        for name, layer in model.named_children():
+            if isinstance(layer, torch.nn.Linear):
+                hidden = stacked_linear(hidden, tensors[f"{name}.weight"], tensors[f"{name}.bias"])
+            else:
+                hidden = layer(hidden)  # the activations act elementwise
+        return torch.nn.functional.mse_loss(hidden.squeeze(-1), target, reduction="none").mean(dim=1)
+
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         # The whole validation split in one batch: the MSE is over all of it, not a mean of
