@@ -34,6 +34,42 @@ def data_root() -> Path:
     return SHARED_DATA_ROOT
 
 
+#: Experiments that read an image tree (docs/images.md). ImageNet cannot be had and the shared
+#: data root holds no Fashion-MNIST tree: their configs validate against tiny stand-ins.
+IMAGE_EXPERIMENTS = ("imagenet_resnet50", "fashion_resnet")
+FASHION_SOURCE = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.fixture(scope="session")
+def image_data_root(tmp_path_factory) -> Path:
+    """A data root with fashion_mnist/ (28x28, the fashion config's size) and imagenet1k/
+    (64x64 Fashion-MNIST images in ImageNet's layout), 4 training and 2 validation images per
+    class, built from Debian's dataset-fashion-mnist (a few seconds, once per session)."""
+    from experiments.problems.images.fashion_mnist import build_tree
+
+    if not FASHION_SOURCE.is_dir():
+        if os.environ.get("CI"):  # .ci/system-packages installs it
+            pytest.fail(f"missing {FASHION_SOURCE}: apt-get install dataset-fashion-mnist")
+        pytest.skip(f"needs {FASHION_SOURCE} (apt-get install dataset-fashion-mnist)")
+    root = tmp_path_factory.mktemp("images")
+    build_tree(root / "fashion_mnist", train_per_class=4, val_per_class=2)
+    build_tree(root / "imagenet1k", train_per_class=4, val_per_class=2, size=64)
+    return root
+
+
+@pytest.fixture
+def data_for(request) -> Callable[[str], tuple[str, ...]]:
+    """``data_for(experiment)``: the overrides that point ``experiment`` at test data (the
+    image trees' stand-ins; nothing for the others, which read the shared data root)."""
+
+    def overrides(experiment: str) -> tuple[str, ...]:
+        if experiment not in IMAGE_EXPERIMENTS:
+            return ()
+        return (f"data.root={request.getfixturevalue('image_data_root')}",)
+
+    return overrides
+
+
 @pytest.fixture
 def compose() -> Callable[..., object]:
     """``compose(*overrides)``: the config ``python -m experiments.run <overrides>`` would get."""

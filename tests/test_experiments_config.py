@@ -44,21 +44,21 @@ def test_method_group_selects_the_variant(compose, choice, variant, average):
 
 @pytest.mark.parametrize("experiment", EXPERIMENT_CONFIGS)
 @pytest.mark.parametrize("accel", ["none", "aadl", "aadl_ma"])
-def test_every_experiment_composes_and_validates(compose, experiment, accel):
-    run = validate(compose(f"experiment={experiment}", f"method={accel}"))
+def test_every_experiment_composes_and_validates(compose, experiment, accel, data_for):
+    run = validate(compose(f"experiment={experiment}", f"method={accel}", *data_for(experiment)))
     assert run.config.experiment == experiment
     assert run.budget >= 1
 
 
 @pytest.mark.parametrize("preset", PAPER_PRESETS)
-def test_every_paper_preset_composes_and_validates(compose, preset):
+def test_every_paper_preset_composes_and_validates(compose, preset, data_for):
     cfg = compose(f"+paper={preset}", return_hydra_config=True)
     params = cfg.hydra.sweeper.params
     if "method" in params:  # a figure's three variants; a one-method study (p_sweep) sets it in its defaults
         assert set(params["method"].split(",")) == {"none", "aadl", "aadl_ma"}
     assert "seed" in params
     for method in ("none", "aadl", "aadl_ma"):
-        validate(compose(f"+paper={preset}", f"method={method}"))
+        validate(compose(f"+paper={preset}", f"method={method}", *data_for(cfg.experiment)))
 
 
 def test_fig1_preset_sweeps_three_variants_over_seeds_0_to_19_in_parallel(compose):

@@ -118,13 +118,14 @@ def _options(group: str) -> list[str]:
 
 
 #: What a method that refuses the paper's base optimizer or schedule needs on every experiment.
-METHOD_OVERRIDES = {"bsgd": ("optimizer.name=sgd", "schedule.milestones=[]", "schedule.every=null")}
+METHOD_OVERRIDES = {"bsgd": ("optimizer.name=sgd", "optimizer.nesterov=false", "optimizer.momentum=0", "optimizer.weight_decay=0",
+                             "schedule.milestones=[]", "schedule.every=null", "schedule.warmup=0")}
 
 
 @pytest.mark.parametrize("method", _options("method"))
 @pytest.mark.parametrize("experiment", _options("experiment"))
-def test_every_method_and_experiment_config_composes_and_validates(compose, method, experiment):
-    run = validate(compose(f"experiment={experiment}", f"method={method}", *METHOD_OVERRIDES.get(method, ())))
+def test_every_method_and_experiment_config_composes_and_validates(compose, method, experiment, data_for):
+    run = validate(compose(f"experiment={experiment}", f"method={method}", *METHOD_OVERRIDES.get(method, ()), *data_for(experiment)))
     assert run.config.experiment == experiment
 
 

@@ -27,7 +27,6 @@ from experiments.results import FINAL_MODEL_FILE, TIMING_COLUMNS
 from experiments.run import RunPreempted, execute
 from experiments.validation import validate
 
-FASHION_SOURCE = Path("/usr/share/datasets/fashion-mnist")
 VENV_BIN = Path(sys.executable).parent
 
 # ResNet-50 on 32x32 crops of 64x64 images, 40 training images (4 per class): 5 steps of 8.
@@ -38,28 +37,19 @@ IMAGENET = (
     "optimizer.lr=0.02", "schedule.warmup=0",
     "method.aadl.history=2", "method.aadl.frequency=2", "method.aadl.store_every=1",
 )
-# The small-image ResNet-18 at width 8 on 32x32 images: 5 steps of 8 an epoch.
+# The small-image ResNet-18 at width 8 on 28x28 images: 5 steps of 8 an epoch.
 FASHION = (
-    "experiment=fashion_resnet", "problem.size=32", "problem.width=8", "problem.local_batch=8",
+    "experiment=fashion_resnet", "problem.width=8", "problem.local_batch=8",
     "train.threads=1", "method=aadl_ma", "method.aadl.history=3", "method.aadl.frequency=1",
     "method.aadl.store_every=1",
 )
 
 
-@pytest.fixture(scope="session")
-def image_root(tmp_path_factory) -> Path:
-    """A data root holding fashion_mnist/ (32x32) and imagenet1k/ (64x64, the ImageNet
-    pipeline's stand-in), 4 training and 2 validation images per class, from Debian's files."""
-    from experiments.problems.images.fashion_mnist import build_tree
-
-    if not FASHION_SOURCE.is_dir():
-        if os.environ.get("CI"):
-            pytest.fail(f"missing {FASHION_SOURCE}: apt-get install dataset-fashion-mnist")
-        pytest.skip(f"needs {FASHION_SOURCE} (apt-get install dataset-fashion-mnist)")
-    root = tmp_path_factory.mktemp("images")
-    build_tree(root / "fashion_mnist", train_per_class=4, val_per_class=2, size=32)
-    build_tree(root / "imagenet1k", train_per_class=4, val_per_class=2, size=64)
-    return root
+@pytest.fixture
+def image_root(image_data_root) -> Path:
+    """conftest's tiny trees: fashion_mnist/ at 28x28 and imagenet1k/ at 64x64, 4 training and
+    2 validation images per class, from Debian's Fashion-MNIST."""
+    return image_data_root
 
 
 def same_rows(a: Path, b: Path, exact: bool = True) -> None:
@@ -340,12 +330,12 @@ def test_the_fig4_rate_follows_the_world_size_and_the_resolved_number_is_recorde
 
 
 def test_the_fashion_rate_scales_linearly_with_the_global_batch(compose, image_root, monkeypatch):
-    base = validate(compose("experiment=fashion_resnet", "problem.size=32", f"data.root={image_root}"))
-    large = validate(compose("experiment=fashion_resnet", "problem.size=32", "problem.local_batch=16", f"data.root={image_root}"))
+    base = validate(compose("experiment=fashion_resnet", f"data.root={image_root}"))
+    large = validate(compose("experiment=fashion_resnet", "problem.local_batch=16", f"data.root={image_root}"))
     assert math.isclose(large.config.optimizer.lr, base.config.optimizer.lr * 16 / 128)
     for name, value in (("RANK", "0"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "0")):
         monkeypatch.setenv(name, value)
-    four = validate(compose("experiment=fashion_resnet", "problem.size=32", "problem.local_batch=16", f"data.root={image_root}"))
+    four = validate(compose("experiment=fashion_resnet", "problem.local_batch=16", f"data.root={image_root}"))
     assert math.isclose(four.config.optimizer.lr, base.config.optimizer.lr * 64 / 128)
 
 
@@ -393,8 +383,8 @@ def test_image_problem_values_out_of_range_are_config_errors(compose, image_root
 def test_a_missing_fashion_tree_says_how_to_build_it_and_a_tree_of_another_size_is_refused(compose, image_root, tmp_path):
     with pytest.raises(DatasetError, match="python -m experiments.data fashion-mnist"):
         validate(compose("experiment=fashion_resnet", f"data.root={tmp_path}"))
-    with pytest.raises(ConfigError, match=r"problem.size: must be the side the tree .* was built with \(32\)"):
-        validate(compose("experiment=fashion_resnet", "problem.size=28", f"data.root={image_root}"))
+    with pytest.raises(ConfigError, match=r"problem.size: must be the side the tree .* was built with \(28\)"):
+        validate(compose("experiment=fashion_resnet", "problem.size=32", f"data.root={image_root}"))
 
 
 def test_the_data_identity_follows_the_tree(compose, image_root, tmp_path):
