@@ -116,8 +116,12 @@ class SeedStack(torch.nn.Module):
             (params.get(name) if name in params else buffers[name]).copy_(tensor[lane])
         return model
 
-    def lane_finite(self, lane: int) -> bool:
-        return all(bool(torch.isfinite(p[lane]).all()) for p in self.stacked)
+    def finite_lanes(self) -> list[bool]:
+        """Whether each lane's parameters are all finite (one pass per tensor)."""
+        finite = torch.ones(self.lanes, dtype=torch.bool, device=self.stacked[0].device)
+        for p in self.stacked:
+            finite &= torch.isfinite(p).flatten(1).all(dim=1)
+        return finite.tolist()
 
 
 # -- batches -----------------------------------------------------------------------------

@@ -66,4 +66,4 @@ def preset_sweep(preset: str) -> dict[str, list[str]]:
 
     params = compose(f"+paper={preset}", return_hydra_config=True).hydra.sweeper.params
     parsed = OverridesParser.create().parse_overrides([f"{key}={value}" for key, value in params.items()])
-    return {override.key_or_group: list(override.sweep_string_iterator()) for override in parsed}
+    return {o.key_or_group: list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()] for o in parsed}

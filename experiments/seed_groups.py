@@ -30,6 +30,8 @@ done. A seed trained alone later ignores it (and its own directory is restarted)
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import shutil
 import socket
@@ -86,6 +88,16 @@ def member_config(cfg: DictConfig, seed: int) -> DictConfig:
     member.seed = seed
     member.train.seed_group = None
     return member
+
+
+def member_run(group: ValidatedRun, seed: int) -> ValidatedRun:
+    """``validate(member_config(cfg, seed))`` for the validated group ``group`` of ``cfg``,
+    without validating again: only seed and train.seed_group differ, and neither is part
+    of the identity (validation reads the data file each time, which adds up over seeds)."""
+    config = dataclasses.replace(group.config, seed=seed, train=dataclasses.replace(group.config.train, seed_group=None))
+    resolved = copy.deepcopy(group.resolved)
+    resolved["seed"], resolved["train"]["seed_group"] = seed, None
+    return dataclasses.replace(group, config=config, resolved=resolved)
 
 
 # -- regrouping a multirun -----------------------------------------------------------------
@@ -168,7 +180,7 @@ def execute_group(cfg: DictConfig, *, worker: bool = False, ranks: Any = None) -
             f"train.seed_group={seeds}: a seed group trains in one process, not on {ranks.world_size} ranks; "
             "launch it without torchrun/srun/mpirun, or set train.batch_seeds=1"
         )
-    runs = {seed: validate(member_config(cfg, seed)) for seed in seeds}
+    runs = {seed: member_run(group_run, seed) for seed in seeds}
     outcomes: dict[int, Any] = {}
     pending = []
     for seed, run in runs.items():

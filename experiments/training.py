@@ -148,19 +148,21 @@ class TrainingState:
         if self.lanes is not None:
             self.lanes_ended = sorted(set(self.lanes_ended) | set(state["lanes_ended"]))
 
-    def divergence(self, lane: Optional[int] = None, unit: Optional[int] = None) -> Optional[dict[str, Any]]:
-        """Where the run (or lane ``lane``) first went non-finite: a training loss, or else
-        the parameters; ``unit`` is the budget unit it is reported in (default: the last
-        one completed)."""
+    def divergence(
+        self, lane: Optional[int] = None, unit: Optional[int] = None, finite: Optional[Callable[[], bool]] = None
+    ) -> Optional[dict[str, Any]]:
+        """Where the run (or lane ``lane``, whose parameters' finiteness ``finite`` tells)
+        first went non-finite: a training loss, or else the parameters; ``unit`` is the
+        budget unit it is reported in (default: the last one completed)."""
         unit = self.unit if unit is None else unit
         first = int(self.first_nonfinite_step if lane is None else self.first_nonfinite_step[lane])
         if first >= 0:
             return {"step": first, "unit": unit, "quantity": "train_loss"}
         if lane is None:
-            finite = all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+            parameters_finite = all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
         else:
-            finite = self.model.lane_finite(lane)
-        if not finite:
+            parameters_finite = finite()
+        if not parameters_finite:
             return {"step": self.step, "unit": unit, "quantity": "parameters"}
         return None
 
@@ -281,6 +283,13 @@ def train(
         else:
             agreed_first_nonfinite()
             train_losses = [state.take_mean_loss()]
+        finite_lanes: list[bool] = []
+
+        def lane_finite(lane: int) -> bool:
+            if not finite_lanes:
+                finite_lanes.extend(model.finite_lanes())  # once per evaluation, for every lane
+            return finite_lanes[lane]
+
         for lane, lane_metrics, train_loss in zip(which, metrics_of, train_losses):
             metrics = {**lane_metrics, **speed}
             row = {
@@ -294,7 +303,7 @@ def train(
             }
             last_row[lane] = row
             if diverged[lane] is None:
-                diverged[lane] = state.divergence(lane, unit)
+                diverged[lane] = state.divergence(lane, unit, (lambda: lane_finite(lane)) if batched else None)
                 if diverged[lane] is None and not math.isfinite(metrics["val_loss"]):
                     diverged[lane] = {"step": state.step, "unit": unit, "quantity": "val_loss"}
             if batched:
