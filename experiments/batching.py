@@ -247,15 +247,16 @@ class SeedGroupProblem:
         self.name, self.budget_unit = first.name, first.budget_unit
         self.samples_per_step = getattr(first, "samples_per_step", None)
         self.step_context = LaneStepContext
-        self._stacked: Optional[tuple[tuple[int, ...], Any]] = None  # (ids of the lanes' batches, stacked)
+        self._stacked: Optional[tuple[tuple[Any, ...], Any]] = None  # (the lanes' batches, stacked)
 
     def _stack(self, batches: Sequence[Any]) -> Any:
         # Problems that draw their points once per stage hand out the same batch objects
-        # step after step (the PINNs): stack them once.
-        key = tuple(id(b) for b in batches)
-        if self._stacked is None or self._stacked[0] != key:
-            self._stacked = (key, stack_batches(batches))
-        return self._stacked[1]
+        # step after step (the PINNs): stack them once. The cache holds the batches it was
+        # made from, so their identities cannot be reused by new objects while it is compared.
+        cached = self._stacked
+        if cached is None or len(cached[0]) != len(batches) or any(a is not b for a, b in zip(cached[0], batches)):
+            self._stacked = cached = (tuple(batches), stack_batches(batches))
+        return cached[1]
 
     def batches(self, unit: int) -> Iterable[Any]:
         return self.batches_from(unit, 0)
