@@ -119,3 +119,45 @@ def block_mix(out, base, rows, h, coefficients, shift, shift_weight, starts, sto
         for j in range(o.shape[0]):
             total += np.float64(o[j])
         sums[b] = total
+
+
+@_compiled
+def block_store(
+    w_after, w_before, stored_r, stored_u, u_out, dr_weight_minus_one, rows_dr, rows_x, slot, held,
+    starts, stops, partials,
+):  # pragma: no cover - compiled
+    """The storage step of ``AndersonAcceleration`` fused into one pass per block:
+
+        r_k = w_after - w_before          (written over w_before)
+        u_k = w_after + (c - 1) r_k       (written to u_out unless c = 1: u_k is w_after)
+        dR[slot] = r_k - r_s,  X[slot] = u_k - u_s     (when slot >= 0: a stored pair exists)
+
+    then, while the block is in cache, ``partials[b, :held] = dR[:held] . r_k`` and
+    ``partials[b, held] = |dR[slot]|^2`` by ``block_dots`` on that block alone. Unfused,
+    these are four passes over n-vectors (three differences and an add) before the dot
+    products read the new column and r_k back from memory; here each entry is read once."""
+    weight = dr_weight_minus_one[0]
+    write_u = weight != 0
+    for b in range(starts.shape[0]):
+        lo, hi = starts[b], stops[b]
+        wa, wb, uo = w_after[lo:hi], w_before[lo:hi], u_out[lo:hi]
+        if slot >= 0:
+            sr, su = stored_r[lo:hi], stored_u[lo:hi]
+            dr, x = rows_dr[slot, lo:hi], rows_x[slot, lo:hi]
+            for j in range(wa.shape[0]):
+                # r_s and u_s are read before anything is written: u_out may be r_s's buffer.
+                r = wa[j] - wb[j]
+                dr[j] = r - sr[j]
+                u = wa[j] + weight * r if write_u else wa[j]
+                x[j] = u - su[j]
+                wb[j] = r
+                if write_u:
+                    uo[j] = u
+            # This block's dot products while it is in cache: block_dots on it alone.
+            block_dots(rows_dr, held, w_before, starts[b : b + 1], stops[b : b + 1], slot, partials[b : b + 1])
+        else:
+            for j in range(wa.shape[0]):
+                r = wa[j] - wb[j]
+                wb[j] = r
+                if write_u:
+                    uo[j] = wa[j] + weight * r

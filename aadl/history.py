@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+import numpy as np
+
 from .kernels import row_dots, row_dots_and_square
 
 
@@ -45,10 +47,13 @@ class AndersonHistory:
         on_cpu = self.gram.device.type == "cpu"
         self._gram_array = self.gram.numpy() if on_cpu else None
         self._stored_dots_array = self.stored_dots.numpy() if on_cpu else None
+        numpy_rows = on_cpu and self.dR.device.type == "cpu" and self.dR.dtype in (torch.float32, torch.float64)
+        # (X, dR) as numpy views, for the lean path's direct calls of the compiled loops.
+        self.arrays = (self.X.numpy(), self.dR.numpy()) if numpy_rows else None
 
     def __getstate__(self) -> dict:
         # A copy's numpy views must be of the copy's tensors, not copies of their own.
-        return {k: v for k, v in self.__dict__.items() if k not in ("_gram_array", "_stored_dots_array")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_gram_array", "_stored_dots_array", "arrays")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -75,20 +80,34 @@ class AndersonHistory:
         """
         self.count = min(self.count + 1, self.capacity)
         self.next_slot = (slot + 1) % self.capacity
-        held = self.count
-        b, square = row_dots_and_square(self.dR[:held], residual, slot)
-        gram, stored_dots = self._gram_array, self._stored_dots_array
-        if gram is None or b.device.type != "cpu":
-            gram, stored_dots = self.gram, self.stored_dots
-            b_values, square_value = b, square
+        b, square = row_dots_and_square(self.dR[: self.count], residual, slot)
+        if self._gram_array is None or b.device.type != "cpu":
+            self._update_gram(slot, b, square, self.gram, self.stored_dots)
         else:
-            b_values, square_value = b.numpy(), float(square)
-        new_column = b_values - stored_dots[:held]
-        new_column[slot] = square_value
+            self._update_gram(slot, b.numpy(), float(square), self._gram_array, self._stored_dots_array)
+        return b
+
+    def held_after_append(self) -> int:
+        return min(self.count + 1, self.capacity)
+
+    def append_dots(self, slot: int, total: np.ndarray) -> torch.Tensor:
+        """``append`` given its one pass's result, float64 ``(dR[:held] . r_k,
+        |dR[slot]|^2)`` over the columns held after it (computed by a fused pass,
+        ``aadl.kernels.compiled_store_arrays``); CPU histories only."""
+        self.count = self.held_after_append()
+        self.next_slot = (slot + 1) % self.capacity
+        b = total[:-1]
+        self._update_gram(slot, b, float(total[-1]), self._gram_array, self._stored_dots_array)
+        return torch.from_numpy(b)
+
+    def _update_gram(self, slot: int, b, square, gram, stored_dots) -> None:
+        """The new Gram column from b = dR^T r_k and |dR_new|^2 (see ``append``)."""
+        held = self.count
+        new_column = b - stored_dots[:held]
+        new_column[slot] = square
         gram[slot, :held] = new_column
         gram[:held, slot] = new_column
-        stored_dots[:held] = b_values
-        return b
+        stored_dots[:held] = b
 
     def dots(self, vector: torch.Tensor) -> torch.Tensor:
         """``dR^T vector`` over the held columns (float64, slot order)."""

@@ -211,13 +211,74 @@ def _sum_in_order(partials: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def _compiled_dots(rows: torch.Tensor, vector: torch.Tensor, square_row: int) -> torch.Tensor:
     """(h + 1,) float64: rows @ vector, then |rows[square_row]|^2 (0 when square_row < 0)."""
+    return torch.from_numpy(compiled_dots_arrays(rows.numpy(), vector.numpy(), square_row))
+
+
+def compiled_dots_arrays(rows: np.ndarray, vector: np.ndarray, square_row: int) -> np.ndarray:
+    """``_compiled_dots`` on numpy views the caller has checked (C-contiguous CPU
+    float32/float64 of one dtype; ``compiled_loops_enabled()``): at small n the checks
+    and conversions of the torch entry points cost more than the loop itself."""
     h, length = rows.shape
-    r, v = rows.numpy(), vector.numpy()
 
     def work(starts: np.ndarray, stops: np.ndarray, partials: np.ndarray) -> None:
-        _compiled.block_dots(r, h, v, starts, stops, square_row, partials)
+        _compiled.block_dots(rows, h, vector, starts, stops, square_row, partials)
 
-    return torch.from_numpy(_compiled_blocks(length, (h + 1,), work).sum(axis=0))
+    return _compiled_blocks(length, (h + 1,), work).sum(axis=0)
+
+
+def compiled_store_arrays(
+    w_after: np.ndarray,
+    w_before: np.ndarray,
+    stored_r: np.ndarray | None,
+    stored_u: np.ndarray | None,
+    u_out: np.ndarray,
+    dr_weight: float,
+    rows_dr: np.ndarray,
+    rows_x: np.ndarray,
+    slot: int,
+    held: int,
+) -> np.ndarray:
+    """``aadl.cpu_kernels.block_store`` over every block (checked numpy views, as
+    ``compiled_dots_arrays``): r_k over ``w_before``, u_k into ``u_out`` (c != 1), and with
+    a stored pair (``slot >= 0``) the new columns and, float64, ``(dR[:held] . r_k,
+    |dR[slot]|^2)`` as ``compiled_dots_arrays(rows_dr[:held], r_k, slot)`` gives them."""
+    length = w_after.shape[0]
+    weight = np.array([dr_weight - 1.0], dtype=w_after.dtype)
+    paired = slot >= 0
+    r_s = stored_r if paired else w_after
+    u_s = stored_u if paired else w_after
+
+    def work(starts: np.ndarray, stops: np.ndarray, partials: np.ndarray) -> None:
+        _compiled.block_store(
+            w_after, w_before, r_s, u_s, u_out, weight, rows_dr, rows_x, slot, held, starts, stops, partials
+        )
+
+    return _compiled_blocks(length, (held + 1,), work).sum(axis=0)
+
+
+def compiled_mix_arrays(
+    out: np.ndarray,
+    base: np.ndarray,
+    rows: np.ndarray,
+    coefficients: np.ndarray,
+    shift: np.ndarray | None,
+    shift_weight: float,
+) -> float:
+    """The compiled ``mix`` on checked numpy views (as ``compiled_dots_arrays``), with
+    ``coefficients`` already in the rows' dtype; returns the float64 sum of ``out``
+    (non-finite exactly when an entry is, or on an overflow: see ``mix``)."""
+    h, length = rows.shape
+    use_shift = shift is not None and shift_weight != 0.0
+    shift_array = shift if use_shift else base
+    weight = np.array([shift_weight if use_shift else 0.0], dtype=out.dtype)
+
+    def work(starts: np.ndarray, stops: np.ndarray, sums: np.ndarray) -> None:
+        _compiled.block_mix(out, base, rows, h, coefficients, shift_array, weight, starts, stops, sums)
+
+    total = float(_compiled_blocks(length, (), work).sum())
+    if not math.isfinite(total) and np.isfinite(out).all():
+        return 0.0  # an overflow of the sum, every entry finite
+    return total
 
 
 def row_dots(rows: torch.Tensor, vectors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -276,18 +337,11 @@ def mix(
     coefficients = coefficients.to(device=rows.device, dtype=rows.dtype)
     use_shift = shift is not None and shift_weight != 0.0
     if _compiled_applies(rows, out, base, *((shift,) if use_shift else ())):
-        h, length = rows.shape
-        arrays = (out.numpy(), base.numpy(), rows.numpy(), h, coefficients.contiguous().numpy())
-        shift_array = shift.numpy() if use_shift else arrays[1]
-        weight = np.array([shift_weight if use_shift else 0.0], dtype=arrays[0].dtype)
-
-        def compiled_work(starts: np.ndarray, stops: np.ndarray, sums: np.ndarray) -> None:
-            _compiled.block_mix(*arrays, shift_array, weight, starts, stops, sums)
-
-        total = float(_compiled_blocks(length, (), compiled_work).sum())
-        if math.isfinite(total) or not _every_entry_finite(out):
-            return torch.tensor(total, dtype=torch.float64)
-        return torch.zeros((), dtype=torch.float64)
+        total = compiled_mix_arrays(
+            out.numpy(), base.numpy(), rows.numpy(), coefficients.contiguous().numpy(),
+            shift.numpy() if use_shift else None, shift_weight,
+        )
+        return torch.tensor(total, dtype=torch.float64)
     else:
 
         def work(lo: int, hi: int) -> torch.Tensor:

@@ -278,7 +278,10 @@ class AndersonAcceleration(Optimizer):
 
     def _free_buffer(self, *in_use: torch.Tensor | None) -> torch.Tensor:
         for buffer in self._pool:
-            if not any(buffer is used for used in in_use):
+            for used in in_use:
+                if buffer is used:
+                    break
+            else:
                 return buffer
         # Beyond pool_size(): a checkpoint resumed with a longer warmup accelerates on
         # steps that store nothing. Grow once.
@@ -322,9 +325,11 @@ class AndersonAcceleration(Optimizer):
         if not needs_residual:
             return None
         w_after = self._gather(self._free_buffer(stored_u, stored_r, w_before))
-        residual = self._subtract(w_after, w_before, out=w_before)
-
-        rhs = self._store(w_after, residual) if store else None  # 3.
+        if store and self._fused_passes():  # 2. and 3. in one pass over n
+            residual, rhs = self._store_fused(w_after, w_before)
+        else:
+            residual = self._subtract(w_after, w_before, out=w_before)
+            rhs = self._store(w_after, residual) if store else None  # 3.
         loss = self._accelerate(closure, w_after, residual, rhs) if accelerate else None  # 4.
         try:
             if self._average is not None:  # 5.
@@ -357,6 +362,28 @@ class AndersonAcceleration(Optimizer):
         self._subtract(u, stored_u, out=history.X[slot])  # X = dW + c dR = u_k - u_s
         return history.append(slot, residual)
 
+    def _store_fused(self, w_after: torch.Tensor, w_before: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``r_k = w_after - w_before`` (over ``w_before``) and ``_store`` in one compiled
+        pass (aadl.cpu_kernels.block_store); returns (r_k, what ``_store`` returns)."""
+        history, c = self._history, self._dr_weight
+        previous = self._stored
+        in_use = (previous[0],) if previous is not None else ()
+        # u_k may take r_s's buffer: the loop reads r_s before it writes u_k.
+        u = w_after if c == 1.0 else self._free_buffer(*in_use, w_after, w_before)
+        X, dR = history.arrays
+        if previous is None:
+            slot, held, stored = -1, 0, (None, None)
+        else:
+            slot, held = history.open_slot(), history.held_after_append()
+            stored = (previous[1].numpy(), previous[0].numpy())
+        total = kernels.compiled_store_arrays(
+            w_after.numpy(), w_before.numpy(), *stored, u.numpy(), c, dR, X, slot, held
+        )
+        self._stored = (u, w_before)
+        if previous is None:
+            return w_before, None
+        return w_before, history.append_dots(slot, total)
+
     def _accelerate(
         self,
         closure: Callable[[], Any] | None,
@@ -381,9 +408,16 @@ class AndersonAcceleration(Optimizer):
         coefficients = g if s.mixing == "walker_ni" else beta * g
         in_use = (*(self._stored or ()), w_after, residual)
         candidate = self._free_buffer(*in_use)
-        total = kernels.mix(
-            candidate, w_after, history.X[history.active()], coefficients, residual, beta - 1.0
-        )
+        if self._compiled_lean():  # the same loop as kernels.mix, called directly
+            rows = history.arrays[0][: len(history)]
+            total = kernels.compiled_mix_arrays(
+                candidate.numpy(), w_after.numpy(), rows, coefficients.to(w_after.dtype).numpy(),
+                residual.numpy(), beta - 1.0,
+            )
+        else:
+            total = kernels.mix(
+                candidate, w_after, history.X[history.active()], coefficients, residual, beta - 1.0
+            )
         if not self._layout.sharded:
             if not math.isfinite(float(total)):
                 return None
@@ -463,6 +497,15 @@ class AndersonAcceleration(Optimizer):
         if self._layout.sharded:
             local = self._layout.gather_shards(local, self._full)
         self._whole.scatter(local)
+
+    def _fused_passes(self) -> bool:
+        """Whether the compiled loops are called directly on numpy views of the history and
+        the pool (CPU float32/float64 buffers, numba enabled)."""
+        return self._history.arrays is not None and kernels.compiled_loops_enabled()
+
+    def _compiled_lean(self) -> bool:
+        """Whether the lean path calls the compiled mixing directly."""
+        return self._lean and self._fused_passes()
 
     def _gather(self, out: torch.Tensor) -> torch.Tensor:
         """This rank's rows of w, copied into ``out``."""

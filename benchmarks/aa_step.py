@@ -20,6 +20,18 @@ forces the latter, for comparison).
 
 Targets on a 2-core CPU at n = 25.6e6, m = 20: p1 gram <= 2.5 x read; peak within target
 with either solver.
+
+    python benchmarks/aa_step.py --small         # the small-n rows (Fig. 1 MLP), see below
+
+Small-n rows: one training step on the Fig. 1 MLP (experiments/problems/graduate_admissions:
+7 features, 3 hidden layers of 64 ReLU units, one output, MSE, batch 40, n = 8,897) with
+Adam (lr 0.02, fused) wrapped at the paper's Fig. 1 settings (m = 10, p = q = 1, beta = 0.1;
++MA: average=True), the safeguard's closure being the loss (a forward pass). Each is timed
+against the floor, forward + backward + the Adam step + the safeguard's two forward passes,
+in the same process, alternating step and floor (medians of --repeats pairs, after a
+warm-up), so that load on a shared machine hits both alike. `lean off` runs the same step
+with the lean path disabled (aadl.optimizer.LEAN_MAX_N = 0), for comparison. Target: the
+AADL step within 1.5x the floor.
 """
 
 from __future__ import annotations
@@ -156,6 +168,100 @@ def measure(n: int, m: int, device: str, repeats: int) -> dict:
     return results
 
 
+SMALL_VARIANTS = {
+    "+AADL": dict(average=False),
+    "+AADL+MA": dict(average=True),
+    "+AADL lean off": dict(average=False),
+}
+
+
+def measure_small(repeats: int) -> dict:
+    """Small-n rows (see the module docstring): per variant, median step and floor (s)."""
+    import torch
+
+    from aadl import optimizer as aadl_optimizer
+    from aadl import AndersonAcceleration
+
+    torch.set_num_threads(1)  # the experiments' setting for this MLP (train.threads: 1)
+    generator = torch.Generator().manual_seed(0)
+    features, target = torch.randn(40, 7, generator=generator), torch.randn(40, generator=generator)
+
+    def mlp():
+        layers, width = [], 7
+        for _ in range(3):
+            layers += [torch.nn.Linear(width, 64), torch.nn.ReLU()]
+            width = 64
+        return torch.nn.Sequential(*layers, torch.nn.Linear(width, 1))
+
+    def trainer(settings):
+        torch.manual_seed(0)
+        model = mlp()
+        base = torch.optim.Adam(model.parameters(), lr=0.02, fused=True)
+        opt = base if settings is None else AndersonAcceleration(
+            base, history=10, frequency=1, store_every=1, relaxation=0.1, average_threshold=0.1, **settings
+        )
+
+        def loss():
+            return torch.nn.functional.mse_loss(model(features).squeeze(-1), target)
+
+        def step():
+            start = time.perf_counter()
+            opt.zero_grad()
+            loss().backward()
+            if settings is None:  # the floor: the base step and the safeguard's two forwards
+                opt.step()
+                with torch.no_grad():
+                    loss()
+                    loss()
+            else:
+                opt.step(loss)
+            return time.perf_counter() - start
+
+        return step, opt
+
+    results = {}
+    default_lean = aadl_optimizer.LEAN_MAX_N
+    for name, settings in SMALL_VARIANTS.items():
+        aadl_optimizer.LEAN_MAX_N = 0 if "lean off" in name else default_lean
+        step, opt = trainer(settings)
+        floor, _ = trainer(None)
+        for _ in range(100):
+            step(), floor()
+        steps, floors = [], []
+        for _ in range(repeats):
+            steps.append(step())
+            floors.append(floor())
+        results[name] = {
+            "step": statistics.median(steps),
+            "floor": statistics.median(floors),
+            "n": opt._whole.n,
+            "lean": opt._lean,
+            "accepted": opt.stats.aa_accepted / max(1, opt.stats.aa_attempts),
+        }
+    aadl_optimizer.LEAN_MAX_N = default_lean
+    return results
+
+
+def small_rows(repeats: int) -> None:
+    command = [sys.executable, __file__, "--child-small", str(repeats)]
+    out = subprocess.run(command, check=True, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    print(
+        f"AADL step on the Fig. 1 MLP (small-n rows): 1 thread, median of {repeats} alternating pairs, "
+        f"load average {os.getloadavg()[0]:.2f} at the end"
+    )
+    header = f"{'variant':<16} {'n':>6} {'lean':>5} | {'step':>9} {'floor':>9} | {'step/floor':>10} | {'AA kept':>7}"
+    print(header)
+    print("-" * len(header))
+    for name, row in r.items():
+        print(
+            f"{name:<16} {row['n']:>6} {str(row['lean']):>5} | {row['step'] * 1e3:>7.3f}ms {row['floor'] * 1e3:>7.3f}ms"
+            f" | {row['step'] / row['floor']:>9.2f}x | {row['accepted']:>6.0%}"
+        )
+    ratio = r["+AADL"]["step"] / r["+AADL"]["floor"]
+    print(f"target +AADL step <= 1.5 x floor: {ratio:.2f}x " + ("met" if ratio <= 1.5 else "NOT met"))
+
+
 def _run_child(n: int, m: int, device: str, repeats: int) -> dict:
     command = [sys.executable, __file__, "--child", json.dumps([n, m, device, repeats])]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -170,10 +276,18 @@ def main() -> None:
     parser.add_argument("--histories", type=int, nargs="+", default=[10, 20])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="n = 1e6, m = 10, 3 repeats")
+    parser.add_argument("--small", action="store_true", help="only the small-n rows (Fig. 1 MLP vs its floor)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-small", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure(*json.loads(args.child))))
+        return
+    if args.child_small:
+        print(json.dumps(measure_small(args.child_small)))
+        return
+    if args.small:
+        small_rows(max(args.repeats, 1000) if args.repeats == 5 else args.repeats)
         return
     if args.quick:
         args.sizes, args.histories, args.repeats = [1e6], [10], 3
