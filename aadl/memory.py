@@ -47,6 +47,8 @@ def memory_components(
 ) -> dict[str, int]:
     """Bytes per buffer group on one rank, keyed by the setting that sizes it."""
     n, world_size, size = _count("n", n), _count("world_size", world_size), _element_size(element_size)
+    if settings.variant == "reference_code":
+        return _reference_code_components(n, size, settings)
     # The row layout of aadl.distributed.RowLayout: sharded ranks hold ceil(n / P) rows.
     sharded = settings.distributed == "sharded" and world_size > 1
     rows = -(-n // world_size) if sharded else n
@@ -56,6 +58,20 @@ def memory_components(
         "average_window": settings.window * rows * size if settings.average else 0,
         "pool": pool_size(settings) * rows * size,
         "sharded": world_size * rows * size if sharded else 0,  # the all-gathered full w
+    }
+
+
+def _reference_code_components(n: int, size: int, settings: AndersonSettings) -> dict[str, int]:
+    """variant="reference_code" (aadl.reference_variant): every rank holds all n rows in a
+    ring of m + 2 stored vectors, m rows of dR scratch and three n-vectors, plus a second
+    ring of m + 2 iterates when averaging; no Gram matrix is kept. The same sum as
+    ``aadl.reference_variant.memory_bytes``, by buffer."""
+    m, depth = settings.history, settings.history + 2
+    return {
+        "history": (depth + m) * n * size,  # the stored vectors and the dR rows
+        "average_window": depth * n * size if settings.average else 0,
+        "pool": 3 * n * size,
+        "sharded": 0,
     }
 
 
@@ -75,7 +91,9 @@ def estimate_memory_bytes(
     sum covers the history (``2 m n`` entries plus the float64 ``m x m`` Gram matrix),
     the moving-average window (``t n``), the pool of n-vectors and, when sharded, the
     full-length buffer of the all-gather: everything the optimizer allocates, all on
-    ``history_device``. Not counted: the base optimizer's own state and the kernels'
+    ``history_device``. Under ``variant="reference_code"`` it is that variant's buffers
+    instead (``m + 2`` stored vectors, ``m`` rows of scratch and three n-vectors; ``m + 2``
+    more when averaging), on every rank. Not counted: the base optimizer's own state and the kernels'
     block scratch, independent of n: up to m + 2 float64 rows of one block per worker
     thread (0.26 MB a row on CPU, 2 MB on GPU; 5.5 MB per thread at m = 20 on CPU).
     """

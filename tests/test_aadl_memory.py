@@ -149,3 +149,37 @@ def test_a_failed_rebuild_leaves_the_optimizer_as_it_was(monkeypatch):
         warnings.simplefilter("error")  # and no "history reset" warning: it was not
         opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(5))]})
     assert opt._history is history and opt._pool is pool and len(history) == 3
+
+
+REFERENCE_CODE_SETTINGS = {
+    "reference defaults": dict(variant="reference_code"),
+    "reference m5 averaging": dict(variant="reference_code", history=5, average=True),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("settings", REFERENCE_CODE_SETTINGS.values(), ids=REFERENCE_CODE_SETTINGS.keys())
+def test_estimate_counts_the_reference_code_variants_buffers(settings, dtype):
+    """variant='reference_code' allocates its own buffers (aadl.reference_variant): the
+    estimate is their size, before and after training, and the variant's own sum."""
+    from aadl.reference_variant import memory_bytes
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 11), torch.nn.Tanh(), torch.nn.Linear(11, 1)).to(dtype)
+    n = sum(p.numel() for p in model.parameters())
+    opt = AndersonAcceleration(torch.optim.Adam(model.parameters(), lr=0.01), **settings)
+    checked = validate_settings(**settings)
+    expected = estimate_memory_bytes(n, dtype, checked)
+
+    def held():
+        tensors = [opt._stored.buffer, opt._scratch_rows, opt._vectors]
+        if opt._average is not None:
+            tensors.append(opt._average.buffer)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    assert held() == expected == memory_bytes(n, dtype, checked)
+    assert estimate_memory_bytes(n, dtype.itemsize, settings) == expected
+    m = checked.history
+    assert expected == ((m + 2) * (2 if checked.average else 1) + m + 3) * n * dtype.itemsize
+    train(opt, model, 12)
+    assert opt.stats.aa_attempts > 0 and held() == expected
