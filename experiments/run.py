@@ -166,7 +166,7 @@ def execute(cfg: DictConfig, *, worker: bool = False, ranks: Ranks = Ranks()) ->
 
     device = torch.device(ranks.device) if ranks.device else resolve_device(settings.train.device)
     check_device(device, settings.train.device)
-    threads = torch_threads(settings, worker, ranks)
+    threads = torch_threads(settings, worker, ranks, run.problem_class)
     if threads:
         torch.set_num_threads(threads)
     # Loads and checks the data, so a missing or wrong file fails before the directory exists.
@@ -214,13 +214,23 @@ def _held() -> Iterator[bool]:
     yield True  # ranks other than 0 follow rank 0's lock
 
 
-def torch_threads(settings: Any, worker: bool, ranks: Ranks) -> Optional[int]:
-    """torch's intra-op threads for this process (None: torch's default): ``train.threads``
-    where set (the experiment configs set 1 for their small networks: more threads only
-    contend, and under load from other processes 2 threads ran a Burgers run 4-12x slower
-    than 1); else 1 in a multirun worker (the launcher runs one job per core), and for one
-    of several ranks its share of the node's cores (experiments.world.default_threads)."""
-    return settings.train.threads or (1 if worker else ranks.threads)
+def torch_threads(settings: Any, worker: bool, ranks: Ranks, problem_class: Any = None) -> Optional[int]:
+    """torch's intra-op threads for this process (None: torch's default, one per core).
+
+    ``train.threads`` where set. Otherwise by process count: 1 in a multirun worker (the
+    launcher runs one process per core; a seed group too); for one of several ranks its
+    share of the node's cores (experiments.world.default_threads); and for a single
+    process the experiment's choice, its problem's ``threads`` attribute (the small
+    networks of Figs. 1-3 say 1: a second thread only contends, and under load from other
+    processes a Burgers run with 2 threads ran 4-12x slower than with 1), else torch's
+    default (the image networks use every core)."""
+    if settings.train.threads:
+        return settings.train.threads
+    if worker:
+        return 1
+    if ranks.threads:
+        return ranks.threads
+    return getattr(problem_class, "threads", None)
 
 
 def _rank_suffix(ranks: Ranks) -> Optional[int]:

@@ -196,7 +196,7 @@ def execute_group(cfg: DictConfig, *, worker: bool = False, ranks: Any = None) -
     check_output(Path(settings.output.root))
     device = resolve_device(settings.train.device)
     check_device(device, settings.train.device)
-    threads = torch_threads(settings, worker, ranks)
+    threads = torch_threads(settings, worker, ranks, group_run.problem_class)
     if threads:
         torch.set_num_threads(threads)
     problems: dict[int, Any] = {}

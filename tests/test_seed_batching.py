@@ -380,3 +380,16 @@ def test_a_problem_without_batched_loss_is_refused(compose, toy_problem, monkeyp
 def test_a_group_is_refused_on_several_ranks(compose, data_root):
     with pytest.raises(RunError, match="a seed group trains in one process"):
         execute(compose("train.epochs=1", f"data.root={data_root}", *GROUP), ranks=run_module.Ranks(world_size=2, rank=0))
+
+
+def test_thread_defaults_follow_the_process_count_and_the_experiment(compose):
+    from experiments.run import Ranks, torch_threads
+
+    burgers = validate(compose("experiment=burgers2d"))
+    images_like = type("Unpinned", (), {})  # a problem that states no preference
+    assert torch_threads(burgers.config, False, Ranks(), burgers.problem_class) == 1  # the experiment's choice
+    assert torch_threads(burgers.config, False, Ranks(), images_like) is None  # torch's default
+    assert torch_threads(burgers.config, True, Ranks(), images_like) == 1  # a multirun worker
+    assert torch_threads(burgers.config, False, Ranks(world_size=2, threads=8), burgers.problem_class) == 8  # a rank's share
+    pinned = validate(compose("experiment=burgers2d", "train.threads=3"))
+    assert torch_threads(pinned.config, True, Ranks(world_size=2, threads=8), burgers.problem_class) == 3

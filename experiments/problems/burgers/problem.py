@@ -225,6 +225,9 @@ class BurgersProblem(Problem):
     budget_unit: ClassVar[str] = "iteration"
     Config: ClassVar[type[BurgersConfig]]
     ddp: ClassVar[bool] = False  # the forward-mode Laplacian runs through the layers, not forward()
+    # torch threads of a single process where train.threads is unset (experiments.run.
+    # torch_threads): under load from other processes 2 threads ran 4-12x slower than 1.
+    threads: ClassVar[int] = 1
 
     def __init__(self, cfg: Any, *, data_root: Path, seed: int, device: torch.device):
         super().__init__(
