@@ -269,6 +269,17 @@ class SeedGroupProblem:
         return self.problems[0].batched_loss(self.models[0], model.tensors(), batch)
 
     def evaluate_lanes(self, model: SeedStack, lanes: Sequence[int]) -> list[dict[str, float]]:
+        """Each of ``lanes``' metrics: the problem's ``batched_evaluate(model, tensors)`` where
+        it has one (for problems whose validation data is the same for every seed; equal to
+        each seed's ``evaluate`` to rounding), else each lane's own problem and model."""
+        batched = getattr(self.problems[0], "batched_evaluate", None)
+        if batched is not None:
+            tensors = model.tensors()
+            if list(lanes) != list(range(self.lanes)):
+                index = torch.tensor(list(lanes), device=model.stacked[0].device)
+                tensors = {name: tensor.index_select(0, index) for name, tensor in tensors.items()}
+            with torch.no_grad():
+                return batched(self.models[0], tensors)
         metrics = []
         for lane in lanes:
             single = model.load_lane(lane, self.models[lane])
