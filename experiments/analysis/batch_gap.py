@@ -73,11 +73,11 @@ def _interval(stem: str, values: np.ndarray) -> dict[str, float]:
 
 
 def _text(mean: float, low: float, high: float, percent: bool) -> str:
-    scale, unit = (100.0, "") if percent else (1.0, "")
+    scale = 100.0 if percent else 1.0
     if not np.isfinite(mean):
         return "n/a"
-    if not np.isfinite(low):
-        return f"{scale * mean:+.2f}{unit}" if percent else f"{mean:.4g}"
+    if not np.isfinite(low):  # one seed: no interval
+        return f"{scale * mean:.2f}" if percent else f"{mean:.4g}"
     return f"{scale * mean:.2f} [{scale * low:.2f}, {scale * high:.2f}]" if percent else f"{mean:.4g} [{low:.4g}, {high:.4g}]"
 
 
@@ -121,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     except ResultsError as error:
         print(f"error: {error} (run python -m experiments.run -m +paper=fashion_gap first)", file=sys.stderr)
         return 1
+    axes = report.figure.axes[0]  # accuracies: a linear axis (the curves' default is log, for losses)
+    axes.set_yscale("linear")
+    axes.set_ylim(0, 1)
+    axes.legend(fontsize=8, loc="lower right")
     args.out.mkdir(parents=True, exist_ok=True)
     text = to_markdown(table)
     (args.out / f"{args.name}.md").write_text(text)
