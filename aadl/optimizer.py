@@ -199,6 +199,7 @@ class AndersonAcceleration(Optimizer):
         self.__dict__.update(state)
         self.__dict__.setdefault("_closure_error", None)  # pickled by an older aadl
         self.__dict__.setdefault("_lean", False)
+        self.__dict__.setdefault("_numpy_copies", False)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -256,13 +257,14 @@ class AndersonAcceleration(Optimizer):
         self._layout = layout
         self._pool, self._full, self._history, self._average = pool, full, history, average
         self._stored: tuple[torch.Tensor, torch.Tensor] | None = None  # (u_s, r_s)
-        self._lean = (
-            whole.n <= LEAN_MAX_N
-            and layout.world_size == 1
-            and device.type == "cpu"
-            and whole.device.type == "cpu"
-            and dtype in (torch.float32, torch.float64)
+        # Copies between the parameters and the flat buffers go through numpy wherever
+        # both are CPU float32/float64: a plain memcpy, 2-4x faster than torch.cat and
+        # _foreach_copy_ at n = 12.8e6 on the 2-core machine, and at small n a fraction
+        # of their dispatch.
+        self._numpy_copies = (
+            device.type == "cpu" and whole.device.type == "cpu" and dtype in (torch.float32, torch.float64)
         )
+        self._lean = whole.n <= LEAN_MAX_N and layout.world_size == 1 and self._numpy_copies
 
     def _sync_parameters(self) -> None:
         params = self._trainable_parameters()
@@ -492,10 +494,10 @@ class AndersonAcceleration(Optimizer):
 
     def _write_parameters(self, local: torch.Tensor) -> None:
         """Set the parameters from this rank's rows of w (all-gathered when sharded)."""
-        if self._lean and self._whole.scatter_array(local.numpy()):
-            return
         if self._layout.sharded:
             local = self._layout.gather_shards(local, self._full)
+        if self._numpy_copies and self._whole.scatter_array(local.numpy()):
+            return
         self._whole.scatter(local)
 
     def _fused_passes(self) -> bool:
@@ -509,7 +511,7 @@ class AndersonAcceleration(Optimizer):
 
     def _gather(self, out: torch.Tensor) -> torch.Tensor:
         """This rank's rows of w, copied into ``out``."""
-        if self._lean and self._rows.gather_array(out.numpy()):
+        if self._numpy_copies and self._rows.gather_array(out.numpy()):
             return out
         return self._rows.gather(out)
 

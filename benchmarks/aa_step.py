@@ -220,7 +220,7 @@ def measure_small(repeats: int) -> dict:
         return step, opt
 
     results = {}
-    default_lean = aadl_optimizer.LEAN_MAX_N
+    default_lean = getattr(aadl_optimizer, "LEAN_MAX_N", None)  # None: a library without the lean path
     for name, settings in SMALL_VARIANTS.items():
         aadl_optimizer.LEAN_MAX_N = 0 if "lean off" in name else default_lean
         step, opt = trainer(settings)
@@ -235,7 +235,7 @@ def measure_small(repeats: int) -> dict:
             "step": statistics.median(steps),
             "floor": statistics.median(floors),
             "n": opt._whole.n,
-            "lean": opt._lean,
+            "lean": getattr(opt, "_lean", None),
             "accepted": opt.stats.aa_accepted / max(1, opt.stats.aa_attempts),
         }
     aadl_optimizer.LEAN_MAX_N = default_lean
