@@ -166,8 +166,6 @@ def execute_group(cfg: DictConfig, *, worker: bool = False, ranks: Any = None) -
     RunPreempted (naming the group's checkpoint folder) when a signal stopped it."""
     import torch
 
-    from experiments import checkpoint
-    from experiments.batching import build_group
     from experiments.run import RunOutcome, Ranks, check_device, check_output, interactive_terminal, torch_threads
     from experiments.training import resolve_device
 
@@ -227,10 +225,7 @@ def execute_group(cfg: DictConfig, *, worker: bool = False, ranks: Any = None) -
             else:
                 members.append(_Member(runs[seed], final, target))
         if members:
-            statuses = _train_group(
-                group_run, runs, members, problem_of, device=str(device), progress=progress, worker=worker,
-                checkpoint=checkpoint, build_group=build_group,
-            )
+            statuses = _train_group(group_run, runs, members, problem_of, device=str(device), progress=progress, worker=worker)
             for member in members:
                 outcomes[member.seed] = RunOutcome(member.final.path, statuses[member.seed])
                 if member.target is not member.final:
@@ -271,12 +266,14 @@ def _find_checkpoint(variant_dir: Path, training: list[int], group: list[int]) -
 
 def _train_group(
     group_run: ValidatedRun, runs: dict[int, ValidatedRun], members: list[_Member], problem_of: Any, *,
-    device: str, progress: bool, worker: bool, checkpoint: Any, build_group: Any,
+    device: str, progress: bool, worker: bool,
 ) -> dict[int, str]:
     """Train the claimed ``members`` as one batch (resuming their group's checkpoint where
     one fits) and write their directories; returns each seed's "completed" or "diverged"."""
     import torch
 
+    from experiments import checkpoint
+    from experiments.batching import build_group
     from experiments.run import LOG_LINES, RunPreempted, _record_end, _write_atomically_torch, stop_on_signals
     from experiments.training import TrainingStopped, train
 
@@ -296,12 +293,17 @@ def _train_group(
         else:
             lane_seeds, resume = lanes, payload
     folder = variant_dir / GROUPS_DIRECTORY / f"seeds={compact_seeds(lane_seeds)}"
+    if resume is None:  # an unusable earlier attempt's checkpoints must not outrank this one's
+        shutil.rmtree(folder, ignore_errors=True)
     by_seed = {m.seed: m for m in members}
     for lane, seed in enumerate(lane_seeds):
         if seed in by_seed:
             by_seed[seed].lane = lane
     by_lane = {m.lane: m for m in members}
-    group, state = build_group([problem_of(seed) for seed in lane_seeds], [runs[seed] for seed in lane_seeds])
+    try:  # before any directory is written, as for a single run
+        group, state = build_group([problem_of(seed) for seed in lane_seeds], [runs[seed] for seed in lane_seeds])
+    except MemoryError as error:
+        raise RunError(f"not enough memory for this group of {len(lane_seeds)} seeds: {error}; lower train.batch_seeds") from None
     lead = runs[lane_seeds[0]]
     counters = lead.method.counters
     unit = group.budget_unit
