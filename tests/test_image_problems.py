@@ -423,3 +423,9 @@ def test_the_gap_table_pairs_seeds_and_says_how_much_of_the_baseline_s_gap_a_var
     np.testing.assert_allclose(table["small_val_top1_mean"], [0.90, 0.91, 0.90])
     text = batch_gap.to_markdown(raw)
     assert "| SGD+AADL+MA | 3 | 90.00" in text and "6.00 [6.00, 6.00]" in text
+
+
+def test_a_global_batch_larger_than_the_training_set_names_problem_local_batch(compose, image_root):
+    run = validate(compose(*FASHION, "problem.local_batch=64", f"data.root={image_root}"))  # 40 images
+    with pytest.raises(ConfigError, match=r"^problem.local_batch: the global batch 64 x 1 ranks = 64 exceeds the 40 training images"):
+        run.problem_class(run.problem_config, data_root=image_root, seed=0, device=torch.device("cpu"))

@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Iterator, Optional
 
 import torch
 
-from experiments.errors import require
+from experiments.errors import ConfigError, require
 from experiments.problems.base import Problem
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -166,12 +166,15 @@ class ImageClassification(Problem):
         super().__init__(cfg, data_root=data_root, seed=seed, device=device)
         self.rank, self.world_size = distributed_place()
         train_transform, val_transform = self.transforms()
-        self.loaders = ImageLoaders(
-            self.tree(cfg, data_root), train_transform=train_transform, val_transform=val_transform,
-            local_batch=cfg.local_batch, workers=cfg.workers, seed=seed, rank=self.rank,
-            world_size=self.world_size, device=device, pin_memory=cfg.pin_memory,
-            val_batch=cfg.val_batch, dataset=cfg.dataset, how_to=self.how_to,
-        )
+        try:
+            self.loaders = ImageLoaders(
+                self.tree(cfg, data_root), train_transform=train_transform, val_transform=val_transform,
+                local_batch=cfg.local_batch, workers=cfg.workers, seed=seed, rank=self.rank,
+                world_size=self.world_size, device=device, pin_memory=cfg.pin_memory,
+                val_batch=cfg.val_batch, dataset=cfg.dataset, how_to=self.how_to,
+            )
+        except ConfigError as error:  # e.g. a global batch larger than the training set
+            raise ConfigError(f"problem.{error.key}", error.detail) from None
 
     @property
     def samples_per_step(self) -> int:
