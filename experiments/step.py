@@ -110,9 +110,8 @@ class StepContext:
         live = self.problem.state_dict()
         try:
             self.problem.load_state_dict(unit_data_state or {})
-            for position, batch in enumerate(self.problem.batches(unit)):
-                if position == index:
-                    return self.parallel.local_batch(batch, self.problem)
+            for batch in self.problem.batches_from(unit, index):  # skips by index where it can
+                return self.parallel.local_batch(batch, self.problem)
         finally:
             self.problem.load_state_dict(live)
         raise IndexError(f"unit {unit} has no batch {index}")

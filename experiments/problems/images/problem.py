@@ -42,9 +42,9 @@ def _check_common(cfg: Any) -> None:
         0 <= cfg.label_smoothing < 1, "problem.label_smoothing", "must be a number in [0, 1)", cfg.label_smoothing
     )
     require(
-        cfg.eval_every_steps is None or cfg.eval_every_steps >= 1,
+        cfg.eval_every_steps is None,
         "problem.eval_every_steps",
-        "must be null or an integer >= 1",
+        "is not supported yet (rows are written per epoch, every train.eval_every); leave it null",
         cfg.eval_every_steps,
     )
     require(
