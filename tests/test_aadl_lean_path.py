@@ -139,7 +139,7 @@ def test_the_fused_storage_pass_agrees_with_the_separate_passes(settings, lean_m
     for fused in (True, False):
         if not fused:
             monkeypatch.setattr(AndersonAcceleration, "_fused_passes", lambda self: False)
-        opt, iterates = _run(torch.float64, 30, lean_max_n, monkeypatch, safeguard="none", **settings)
+        opt, iterates = _run(torch.float64, 20, lean_max_n, monkeypatch, safeguard="none", **settings)
         runs.append((opt, iterates))
     (fused_opt, fused_iterates), (plain_opt, plain_iterates) = runs
     for a, b in zip(fused_iterates, plain_iterates):
