@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -49,6 +48,7 @@ from .flat import ParameterVector
 from .hyperparameters import AndersonSettings, validate_settings
 from .memory import device_capacity, format_bytes, is_allocation_failure, pool_size
 from .optimizer import AccelerationStats, AndersonAcceleration
+from .wrapper import OptimizerWrapper
 
 BATCHED_STATE_FORMAT = 1
 _STATE_KEY = "batched_anderson"
@@ -516,7 +516,7 @@ def batched_memory_bytes(seeds: int, n: int, dtype: torch.dtype, settings: Ander
 # -- the wrapper ----------------------------------------------------------------------
 
 
-class BatchedAndersonAcceleration(Optimizer):
+class BatchedAndersonAcceleration(OptimizerWrapper):
     """Anderson acceleration of S independent copies of a model, stacked along a leading
     dimension of size S, as one ``torch.optim`` optimizer.
 
@@ -555,15 +555,8 @@ class BatchedAndersonAcceleration(Optimizer):
         unsupported = self._unsupported(self.settings)
         if unsupported:
             raise _fail(unsupported)
-        self.optimizer = optimizer
+        self._wrap(optimizer)  # param_groups, state and defaults stay the base optimizer's
         self.seeds = seeds
-        self._optimizer_step_pre_hooks = OrderedDict()
-        self._optimizer_step_post_hooks = OrderedDict()
-        self._optimizer_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_state_dict_post_hooks = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()
-        self._patch_step_function()
         self._warned_no_closure = False
         self._closure_error: BaseException | None = None
         self._build(self._trainable_parameters())
@@ -588,41 +581,6 @@ class BatchedAndersonAcceleration(Optimizer):
                 "process (give each process its own seeds)"
             )
         return None
-
-    # -- shared with the base optimizer (as in aadl.optimizer) ---------------------------
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.optimizer.param_groups = value
-
-    @property
-    def state(self):
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, value) -> None:
-        self.optimizer.state = value
-
-    @property
-    def defaults(self) -> dict[str, Any]:
-        return self.optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value: dict[str, Any]) -> None:
-        self.optimizer.defaults = value
-
-    def __getstate__(self) -> dict[str, Any]:
-        return self.__dict__.copy()
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self.optimizer.add_param_group(param_group)

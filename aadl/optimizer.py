@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +40,7 @@ from .history import AndersonHistory
 from .hyperparameters import AndersonSettings, validate_settings, variant_of
 from .memory import device_capacity, estimate_memory_bytes, is_allocation_failure, out_of_memory, pool_size
 from .solvers import LeastSquaresSolution, solve_normal_equations, solve_r_factor
+from .wrapper import OptimizerWrapper
 
 # The lean path (docs/library.md, "Memory and speed"): at n up to this many parameters on
 # the CPU, one process, the step's n-sized copies and differences run as numpy operations
@@ -66,7 +66,7 @@ class AccelerationStats:
         return dataclasses.asdict(self)
 
 
-class AndersonAcceleration(Optimizer):
+class AndersonAcceleration(OptimizerWrapper):
     """Anderson acceleration (AADL) of any ``torch.optim`` optimizer.
 
     Each ``step()`` runs one step of the base optimizer, then (on the configured
@@ -149,60 +149,18 @@ class AndersonAcceleration(Optimizer):
             history_device=history_device,
             variant=variant,
         )
-        self.optimizer = optimizer
+        self._wrap(optimizer)  # param_groups, state and defaults stay the base optimizer's
         self.process_group = process_group
-        # torch.optim.Optimizer's plumbing (hooks, profiler) without re-registering the
-        # parameter groups: they stay the base optimizer's (see the properties below).
-        self._optimizer_step_pre_hooks = OrderedDict()
-        self._optimizer_step_post_hooks = OrderedDict()
-        self._optimizer_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_state_dict_post_hooks = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()
-        self._patch_step_function()
         self.stats = AccelerationStats()
         self._warned_no_closure = False
         self._closure_error: BaseException | None = None  # raised once the step is complete
         self._build(self._trainable_parameters())
 
-    # -- shared with the base optimizer -------------------------------------------------
-    # Properties, not copies: the base optimizer's load_state_dict rebinds these.
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.optimizer.param_groups = value
-
-    @property
-    def state(self):
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, value) -> None:
-        self.optimizer.state = value
-
-    @property
-    def defaults(self) -> dict[str, Any]:
-        return self.optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value: dict[str, Any]) -> None:
-        self.optimizer.defaults = value
-
-    def __getstate__(self) -> dict[str, Any]:
-        return self.__dict__.copy()
-
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        super().__setstate__(state)
         self.__dict__.setdefault("_closure_error", None)  # pickled by an older aadl
         self.__dict__.setdefault("_lean", False)
         self.__dict__.setdefault("_numpy_copies", False)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self.optimizer.add_param_group(param_group)

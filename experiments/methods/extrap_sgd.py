@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch.optim import Optimizer
 
+from aadl.wrapper import OptimizerWrapper
 from experiments.errors import require
 from experiments.methods.base import Method
 
@@ -56,7 +56,7 @@ class ExtrapolationSettings:
         require(math.isfinite(self.noise_std) and self.noise_std > 0, "noise_std", "must be a finite number > 0", self.noise_std)
 
 
-class ExtrapolatedOptimizer(Optimizer):
+class ExtrapolatedOptimizer(OptimizerWrapper):
     """A base ``torch.optim`` optimizer whose gradient is taken at an extrapolated point.
 
     The caller (:func:`extrapolated_step`) computes the gradients; this object moves the
@@ -75,16 +75,7 @@ class ExtrapolatedOptimizer(Optimizer):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"ExtrapolatedOptimizer wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.settings = ExtrapolationSettings(perturbation, float(rho), float(noise_std))
-        self.optimizer = optimizer
-        # torch.optim.Optimizer's hook plumbing without registering the parameter groups a
-        # second time: they stay the base optimizer's (see the properties below).
-        self._optimizer_step_pre_hooks = OrderedDict()
-        self._optimizer_step_post_hooks = OrderedDict()
-        self._optimizer_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_state_dict_post_hooks = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()
-        self._patch_step_function()
+        self._wrap(optimizer)  # param_groups, state and defaults stay the base optimizer's
         self.gradients = 0  # gradient evaluations so far (extrapolated_step counts them)
         self._saved: Optional[list[torch.Tensor]] = None  # w while the parameters are at u
         self._previous: Optional[list[torch.Tensor]] = None  # last step's gradient ("previous")
@@ -93,38 +84,9 @@ class ExtrapolatedOptimizer(Optimizer):
             device = self._parameters()[0].device
             self._generator = torch.Generator(device=device).manual_seed(seed)
 
-    # -- shared with the base optimizer (properties: its load_state_dict rebinds them) ----
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.optimizer.param_groups = value
-
-    @property
-    def state(self):
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, value) -> None:
-        self.optimizer.state = value
-
-    @property
-    def defaults(self) -> dict[str, Any]:
-        return self.optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value: dict[str, Any]) -> None:
-        self.optimizer.defaults = value
-
     @property
     def perturbation(self) -> str:
         return self.settings.perturbation
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def _parameters(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
