@@ -22,6 +22,15 @@ SHARED_DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
 os.environ.setdefault("AADL_DATA_ROOT", str(SHARED_DATA_ROOT))
 
 
+def lines_of(path: Path) -> int:
+    """Lines in ``path`` now, 0 where it is gone: a run that starts again (no usable
+    checkpoint) removes its metrics.csv first, so a poller can see a file vanish."""
+    try:
+        return len(path.read_text().splitlines())
+    except FileNotFoundError:
+        return 0
+
+
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     """The shared data root; skips the test where ../shared/data is not beside the checkout."""

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, lines_of
 from experiments.run import PREEMPTED_EXIT, execute
 from slurm_cluster import slurm  # noqa: F401  (the fixture)
 
@@ -300,7 +300,7 @@ def test_ddp_script_usr1_checkpoints_requeues_and_resumes_bit_for_bit(tmp_path, 
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         files = list(stopped_root.rglob("metrics.csv"))
-        if files and len(files[0].read_text().splitlines()) >= 4:
+        if files and lines_of(files[0]) >= 4:
             break
         time.sleep(0.1)
     else:

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, lines_of
 from experiments.run import PREEMPTED_EXIT, execute
 from slurm_cluster import slurm  # noqa: F401  (the fixture)
 
@@ -50,7 +50,7 @@ def wait_for_lines(root: Path, lines: int, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         files = list(root.rglob("metrics.csv"))
-        if files and len(files[0].read_text().splitlines()) >= lines:
+        if files and lines_of(files[0]) >= lines:
             return
         time.sleep(0.05)
 

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, lines_of
 from experiments import checkpoint, run as run_module
 from experiments.checkpoint import CheckpointError
 from experiments.results import FINAL_MODEL_FILE, RunDirectory
@@ -48,7 +48,7 @@ def kill_after(command: list[str], rows: int, root: Path) -> None:
     try:
         while time.monotonic() < deadline and process.poll() is None:
             files = list(root.rglob("metrics.csv"))
-            if files and len(files[0].read_text().splitlines()) - 1 >= rows:
+            if files and lines_of(files[0]) - 1 >= rows:
                 break
             time.sleep(0.05)
         else:

@@ -16,7 +16,7 @@ import time
 import pandas as pd
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, lines_of
 from experiments.errors import ConfigError, DatasetError, RunError
 from experiments.problems.graduate_admissions.problem import GraduateAdmissions
 from experiments.results import COMPLETE_FILE, MetricsWriter, RunDirectory
@@ -251,7 +251,7 @@ def _wait_for_rows(root, count: int, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         files = list(root.rglob("metrics.csv")) if root.exists() else []
-        if len(files) >= count and all(len(f.read_text().splitlines()) >= 3 for f in files[:count]):
+        if len(files) >= count and all(lines_of(f) >= 3 for f in files[:count]):
             return
         time.sleep(0.2)
     raise AssertionError(f"no {count} run(s) started under {root}")

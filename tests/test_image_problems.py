@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, lines_of
 from experiments.errors import ConfigError, DatasetError
 from experiments.results import FINAL_MODEL_FILE, TIMING_COLUMNS
 from experiments.run import RunPreempted, execute
@@ -220,7 +220,7 @@ def test_kill_9_then_rerun_is_bit_identical(compose, image_root, tmp_path, overr
         while time.monotonic() < deadline and process.poll() is None:
             files = list(root.rglob("checkpoints/step-*.pt"))
             metrics = list(root.rglob("metrics.csv"))
-            if files and metrics and len(metrics[0].read_text().splitlines()) - 1 >= rows:
+            if files and metrics and lines_of(metrics[0]) - 1 >= rows:
                 break
             time.sleep(0.02)
         else:
