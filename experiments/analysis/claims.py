@@ -683,6 +683,7 @@ def _gap_note(gap: GapStudy) -> str:
     optimizer's: a gap can narrow because the small-batch accuracy fell, which the second
     part shows."""
     measure = final(gap.top1)
+    base_large = gap.values(gap.base, "large", measure)[0]
     gaps, at_large = [], []
     for variant in gap.variants():
         try:
@@ -692,7 +693,7 @@ def _gap_note(gap: GapStudy) -> str:
             continue
         gaps.append(f"{variant} {effect} ({effect.n} seeds)")
         if variant != gap.base:
-            versus = contrast([(1, large), (-1, gap.values(gap.base, "large", measure)[0])])
+            versus = contrast([(1, large), (-1, base_large)])
             at_large.append(f"{variant} {versus}")
     note = (f"gap = final {gap.top1} at {gap.batch_key}={gap.large} minus at {gap.batch_key}={gap.small}, "
             f"per variant: " + "; ".join(gaps))
