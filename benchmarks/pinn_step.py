@@ -8,6 +8,11 @@ variants, seeds, budgets and p are read from configs/paper/fig2.yaml and fig3.ya
 One iteration = the PINN loss on one batch (400 initial/boundary + 4,000 collocation points),
 its backward pass and an Adam step. "eval" is one loss evaluation under torch.no_grad(), which
 is what the AA safeguard costs twice per acceleration. Times are medians over --repeats.
+
+On CPU it also profiles one iteration at each preset's settings and prints the share spent
+in matrix products (aten::mm, addmm, bmm, baddbmm) and what those products alone would cost
+for the whole preset: a floor that neither seed batching nor a leaner optimizer step can go
+below without changing the PINN's arithmetic.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ class Preset:
     seeds: int
     accelerated: int  # variants with AA (the others run the base optimizer alone)
     plain: int
+    activation: str  # problem.activation
 
     @classmethod
     def load(cls, name: str) -> Preset:
@@ -53,6 +59,7 @@ class Preset:
             seeds=len(sweep["seed"]),
             accelerated=accelerated,
             plain=len(sweep["method"]) - accelerated,
+            activation=cfg.problem.activation,
         )
 
     @property
@@ -138,6 +145,46 @@ def report_laplacian_methods(device, repeats) -> None:
         print(f"{method:<10} {step:>12.4f} {evaluation:>10.4f} {speedups}")
 
 
+#: The kernels of matrix products: what the PINN's forward Laplacian and its backward are
+#: made of, and what batching the lanes could not make cheaper.
+MATRIX_PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def matrix_product_seconds(problem: BurgersProblem, steps: int) -> tuple[float, float]:
+    """(seconds per iteration, seconds of it in matrix products), from the profiler's self
+    CPU times over ``steps`` iterations (after one untimed)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = problem.build_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    (batch,) = problem.batches(1)
+
+    def step():
+        optimizer.zero_grad()
+        problem.loss(model, batch).backward()
+        optimizer.step()
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    products = sum(e.self_cpu_time_total for e in events if e.key in MATRIX_PRODUCTS)
+    return total / steps / 1e6, products / steps / 1e6
+
+
+def report_matrix_product_floor(presets: list[Preset], parallel_runs, repeats) -> None:
+    print(f"\nmatrix products per iteration at the presets' settings and the preset's floor, {parallel_runs} run(s) at a time")
+    print(f"{'preset':<8} {'s/iteration':>12} {'products':>10} {'share':>7} {'products alone, whole preset':>30}")
+    for preset in presets:
+        problem = make(preset.problem, torch.device("cpu"), activation=preset.activation)
+        step, products = matrix_product_seconds(problem, repeats)
+        runs = preset.seeds * (preset.plain + preset.accelerated)
+        floor_minutes = runs * preset.budget * products / parallel_runs / 60
+        print(f"{preset.name:<8} {step:>12.4f} {products:>10.4f} {products / step:>6.0%} {floor_minutes:>25.1f} min")
+
+
 def report_presets(timings, presets: list[Preset], parallel_runs) -> None:
     print(f"\npreset estimates: variants x seeds x budget, {parallel_runs} run(s) at a time")
     for preset in presets:
@@ -188,6 +235,8 @@ def main() -> None:
         # workers use 1 thread each); a GPU runs one at a time.
         parallel = max(1, cores // threads) if device.type == "cpu" else 1
         report_presets(timings, presets, parallel)
+        if device.type == "cpu":  # the profiler's CPU times are kernel times on CPU only
+            report_matrix_product_floor(presets, parallel, args.repeats)
         print()
 
 
