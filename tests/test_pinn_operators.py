@@ -183,3 +183,24 @@ def test_invalid_arguments_are_rejected():
         input_derivatives(
             torch.nn.Linear(2, 1).double(), _points(3, 2), _burgers_directions(2), [0], "forward"
         )
+
+
+def test_the_benchmarks_matrix_product_floor_is_part_of_the_iteration_it_profiles(monkeypatch):
+    """benchmarks/pinn_step.py's floor (the matrix products alone) must be a lower bound:
+    a positive share of the iteration's profiled time, never more than all of it."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from experiments.problems.burgers.problem import Burgers2D
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "pinn_step.py"
+    spec = importlib.util.spec_from_file_location("pinn_step_benchmark", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, benchmark)  # its dataclasses look it up
+    spec.loader.exec_module(benchmark)
+    problem = benchmark.make(Burgers2D, torch.device("cpu"), n_collocation=64, n_boundary=16, depth=2)
+    step, products = benchmark.matrix_product_seconds(problem, steps=2)
+    assert 0 < products < step
+    presets = {preset.name: preset for preset in map(benchmark.Preset.load, benchmark.PRESET_NAMES)}
+    assert presets["fig2"].activation == "relu" and presets["fig2"].budget == 2000
