@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from experiments.analysis.figures import FIGURES
 from experiments.compose import compose, preset_sweep
@@ -90,9 +91,9 @@ def median_seconds(
     return statistics.median(samples)
 
 
-def step_and_eval_seconds(
-    problem: BurgersProblem, device: torch.device, repeats: int
-) -> tuple[float, float]:
+def training_iteration(problem: BurgersProblem) -> tuple[Callable[[], None], Callable[[], Tensor]]:
+    """(one training iteration: loss, backward, Adam step; one loss on the same batch) for
+    a fresh model of ``problem``."""
     model = problem.build_model()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     (batch,) = problem.batches(1)
@@ -102,9 +103,17 @@ def step_and_eval_seconds(
         problem.loss(model, batch).backward()
         optimizer.step()
 
+    return step, lambda: problem.loss(model, batch)
+
+
+def step_and_eval_seconds(
+    problem: BurgersProblem, device: torch.device, repeats: int
+) -> tuple[float, float]:
+    step, loss = training_iteration(problem)
+
     def evaluate():
         with torch.no_grad():
-            problem.loss(model, batch)
+            loss()
 
     return median_seconds(step, device, repeats), median_seconds(evaluate, device, repeats)
 
@@ -155,15 +164,7 @@ def matrix_product_seconds(problem: BurgersProblem, steps: int) -> tuple[float, 
     CPU times over ``steps`` iterations (after one untimed)."""
     from torch.profiler import ProfilerActivity, profile
 
-    model = problem.build_model()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    (batch,) = problem.batches(1)
-
-    def step():
-        optimizer.zero_grad()
-        problem.loss(model, batch).backward()
-        optimizer.step()
-
+    step, _ = training_iteration(problem)
     step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
