@@ -19,7 +19,8 @@ Free to change: ``relaxation`` and ``mixing`` (the history is re-expressed for t
 weight of dR, see ``AndersonHistory.reweight_mixing``), and every setting that holds no
 state: the schedule (frequency, store_every, warmup), regularization, the averaging
 threshold and criterion, safeguard, solver (the Gram matrix is always kept), and
-history_device. The row layout (n, world size, rank, sharded) is checked by the optimizer.
+history_device. The row layout (n, world size, rank, sharded) binds too: the history's
+rows are this rank's rows of the joint vector (``layout_mismatch``).
 """
 
 from __future__ import annotations
@@ -116,3 +117,17 @@ def incompatible_settings(saved: dict, here: dict) -> list[str]:
     if old["average"] and new["average"]:
         pairs.append(("average_window", _window(old), _window(new)))
     return [f"{name}={a!r} in the checkpoint, {name}={b!r} here" for name, a, b in pairs if a != b]
+
+
+def layout_mismatch(here: dict, saved: dict) -> str | None:
+    """Why a checkpoint saved for the row layout ``saved`` cannot load into one laid out as
+    ``here`` (``RowLayout.describe()`` of each: n, world_size, rank, sharded), or None."""
+    mismatched = [key for key in _LAYOUT if here[key] != saved[key]]
+    if not mismatched:
+        return None
+    return (
+        "AndersonAcceleration.load_state_dict: the checkpoint was saved for "
+        + ", ".join(f"{key}={saved[key]}" for key in mismatched)
+        + " but this optimizer has "
+        + ", ".join(f"{key}={here[key]}" for key in mismatched)
+    )

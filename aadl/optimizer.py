@@ -31,6 +31,7 @@ from .checkpoint import (
     base_optimizer_name,
     format_error,
     incompatible_settings,
+    layout_mismatch,
     missing_keys,
 )
 from .closure import evaluate_loss
@@ -556,15 +557,9 @@ class AndersonAcceleration(OptimizerWrapper):
                 "AndersonAcceleration.load_state_dict: the checkpoint's state cannot be carried "
                 "over to these settings: " + "; ".join(differing)
             )
-        here, there = self._layout.describe(), saved["layout"]
-        mismatched = [key for key in ("n", "world_size", "rank", "sharded") if here[key] != there[key]]
-        if mismatched:
-            raise ValueError(
-                "AndersonAcceleration.load_state_dict: the checkpoint was saved for "
-                + ", ".join(f"{key}={there[key]}" for key in mismatched)
-                + " but this optimizer has "
-                + ", ".join(f"{key}={here[key]}" for key in mismatched)
-            )
+        layout_error = layout_mismatch(self._layout.describe(), saved["layout"])
+        if layout_error:
+            raise ValueError(layout_error)
         length = self._pool[0].numel()
         stored = saved["stored"]
         if stored is not None and any(tuple(stored[key].shape) != (length,) for key in ("u", "r")):

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from . import kernels
-from .checkpoint import STATE_FORMAT, base_optimizer_name, format_error, incompatible_settings
+from .checkpoint import STATE_FORMAT, base_optimizer_name, format_error, incompatible_settings, layout_mismatch
 from .closure import evaluate_loss
 from .distributed import RowLayout
 from .flat import ParameterVector
@@ -390,15 +390,9 @@ class ReferenceCodeAcceleration(AndersonAcceleration):
                 "AndersonAcceleration.load_state_dict: the checkpoint's state cannot be carried "
                 "over to these settings: " + "; ".join(differing)
             )
-        here, there = self._layout.describe(), saved["layout"]
-        mismatched = [key for key in ("n", "world_size", "rank", "sharded") if here[key] != there[key]]
-        if mismatched:
-            raise ValueError(
-                "AndersonAcceleration.load_state_dict: the checkpoint was saved for "
-                + ", ".join(f"{key}={there[key]}" for key in mismatched)
-                + " but this optimizer has "
-                + ", ".join(f"{key}={here[key]}" for key in mismatched)
-            )
+        layout_error = layout_mismatch(self._layout.describe(), saved["layout"])
+        if layout_error:
+            raise ValueError(layout_error)
         buffer = self._stored.buffer
         stored = IterateRing(depth(self.settings), self._whole.n, buffer.dtype, buffer.device)
         stored.load_state_dict(saved["iterates"], "stored iterates")

@@ -283,6 +283,17 @@ def test_checkpoint_of_the_other_variant_is_refused_and_changes_nothing(saved_va
     assert same_state(target[1].state_dict(), before)
 
 
+def test_checkpoint_for_another_model_is_refused_naming_n_and_changes_nothing():
+    source = make_run(dict(history=3))
+    train(*source, steps=5, start=0)
+    other = torch.nn.Linear(3, 2)  # 8 parameters against the run's 113
+    target = AndersonAcceleration(torch.optim.Adam(other.parameters()), variant="reference_code", history=3)
+    before = copy.deepcopy(target.state_dict())
+    with pytest.raises(ValueError, match=r"saved for n=113 but this optimizer has n=8$"):
+        target.load_state_dict(saved(source)["opt"])
+    assert same_state(target.state_dict(), before)
+
+
 def same_state(a, b):
     """Equal nested state dicts, tensors compared exactly (copies: state_dict holds references)."""
     if isinstance(a, dict):
