@@ -5,7 +5,8 @@ One directory per run (one config, one seed)::
     <output.root>/<experiment>/<output.name>/<variant>-<config_id>/seed=<seed>/
         config.yaml   the resolved config (problem and method defaults filled in)
         meta.json     identity, status, method, budget and expected rows, git commit and
-                      dirty flag, host, versions, device, start/end time, problem notes
+                      dirty flag, host, processor (model and torch's CPU kernel level, GPU
+                      model), versions, device, start/end time, problem notes
         metrics.csv   one row per evaluation (columns: see MetricsWriter)
         run.log       the run's log
         checkpoints/  while it runs: the newest checkpoints (experiments/checkpoint.py)
@@ -192,6 +193,31 @@ class RunDirectory:
             handler.close()
 
 
+def cpu_model() -> str:
+    """The processor's name as the OS gives it (x86's "model name", POWER's "cpu"), else
+    whatever Python's platform module knows (may be empty)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            fields = dict(line.split(":", 1) for line in info if ":" in line)
+    except OSError:
+        fields = {}
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    return fields.get("model name") or fields.get("cpu") or platform.processor()
+
+
+def hardware(device: str) -> dict[str, Any]:
+    """What the numbers of a run depend on beyond code, config and versions: torch picks
+    its CPU kernels by the instruction set it finds (``cpu_capability``: AVX2, AVX512, ...),
+    and kernels of different vector widths sum in different orders, so bit-for-bit reruns
+    hold on one capability, not across them (docs/experiments.md)."""
+    import torch
+
+    found: dict[str, Any] = {"cpu_model": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        found["gpu_model"] = torch.cuda.get_device_name(torch.device(device))
+    return found
+
+
 def run_metadata(run: Any, device: str) -> dict[str, Any]:
     """What a reader needs to trust or reproduce the run, written before training starts
     (``run`` is an experiments.validation.ValidatedRun)."""
@@ -216,10 +242,31 @@ def run_metadata(run: Any, device: str) -> dict[str, Any]:
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "device": device,
+        **hardware(device),
         "torch_threads": torch.get_num_threads(),
         "argv": sys.argv,
         "started": now(),
     }
+
+
+def record_resumption(meta: dict[str, Any], step: int, device: str) -> str | None:
+    """Append this resumption (step, time, host and hardware) to ``meta["resumed"]``;
+    returns a warning where the hardware's kernels differ from those the run started on
+    (a requeued job landing on another node type): from here on the run is not bit for bit
+    what an uninterrupted run gives."""
+    here = hardware(device)
+    meta.setdefault("resumed", []).append({"step": step, "at": now(), "host": socket.gethostname(), **here})
+    changed = [
+        f"{key} {meta[key]!r} -> {here[key]!r}"
+        for key in ("cpu_capability", "gpu_model")
+        if key in meta and key in here and meta[key] != here[key]
+    ]
+    if not changed:
+        return None
+    return (
+        f"resumed at step {step} on other hardware ({', '.join(changed)}): torch's kernels there round "
+        "differently, so the rest of this run is not bit for bit what an uninterrupted run gives"
+    )
 
 
 def constant_columns(run: Any) -> dict[str, Any]:

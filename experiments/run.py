@@ -25,7 +25,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from experiments.results import (
     RunDirectory,
     constant_columns,
     now,
+    record_resumption,
     run_metadata,
 )
 from experiments.validation import ValidatedRun, validate
@@ -350,13 +350,14 @@ def _train_into(
 
     if not main:  # only rank 0 writes the run directory; the others train and checkpoint
         return _train_follower(directory, run, problem, state, resume, save_checkpoint, parallel)
+    hardware_changed = None
     if resume is None:
         meta = run_metadata(run, device)
         meta["notes"] = problem.notes()
         meta.update(world_size=ranks.world_size, launcher=ranks.launcher, backend=ranks.backend, hosts=list(ranks.hosts))
     else:
         meta = {**directory.read_meta(), "status": "running"}
-        meta.setdefault("resumed", []).append({"step": resume["state"]["step"], "at": now(), "host": socket.gethostname()})
+        hardware_changed = record_resumption(meta, resume["state"]["step"], device)
     progress_log.propagate = not worker
     try:
         if resume is None:
@@ -377,6 +378,8 @@ def _train_into(
                     rows.append(row)
                 checkpoint.restore_rng(resume["rng"])
                 log.info("resumed %s seed %d at step %d from its checkpoint -> %s", run.variant, seed, state.step, directory.path)
+                if hardware_changed:
+                    log.warning(hardware_changed)
             try:
                 with stop_on_signals() as should_stop:
                     result = train(

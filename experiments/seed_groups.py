@@ -34,7 +34,6 @@ import copy
 import dataclasses
 import logging
 import shutil
-import socket
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +42,7 @@ from typing import Any, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from experiments.errors import ConfigError, RunError
-from experiments.results import FINAL_MODEL_FILE, METRICS_FILE, MetricsWriter, RunDirectory, constant_columns, now, run_metadata
+from experiments.results import FINAL_MODEL_FILE, METRICS_FILE, MetricsWriter, RunDirectory, constant_columns, record_resumption, run_metadata
 from experiments.validation import ValidatedRun, validate
 
 log = logging.getLogger("experiments.run")
@@ -151,6 +150,7 @@ class _Member:
     writer: Optional[MetricsWriter] = None
     log: Optional[logging.Logger] = None
     progress: Optional[logging.Logger] = None
+    hardware_changed: Optional[str] = None  # record_resumption's warning, logged once the log file is open
     done: bool = False
 
     @property
@@ -370,7 +370,7 @@ def _train_group(
                 directory.start(OmegaConf.to_yaml(OmegaConf.create(run.resolved)), member.meta)
             else:
                 member.meta = {**directory.read_meta(), "status": "running"}
-                member.meta.setdefault("resumed", []).append({"step": resume["state"]["step"], "at": now(), "host": socket.gethostname()})
+                member.hardware_changed = record_resumption(member.meta, resume["state"]["step"], device)
                 directory.write_meta(member.meta)
             files.enter_context(directory.log_to_file(member.log, member.progress))
             member.writer = files.enter_context(MetricsWriter(directory.file(METRICS_FILE), constant_columns(run), counters))
@@ -387,6 +387,8 @@ def _train_group(
             checkpoint.restore_rng(resume["rng"])
             for member in members:
                 member.log.info("resumed %s seed %d at step %d from the group's checkpoint -> %s", member.run.variant, member.seed, state.step, member.target.path)
+                if member.hardware_changed:
+                    member.log.warning(member.hardware_changed)
         # Lanes of seeds finished elsewhere since the checkpoint ride along unwritten.
         state.lanes_ended = sorted(set(state.lanes_ended) | {lane for lane in range(len(lane_seeds)) if lane not in by_lane})
         try:

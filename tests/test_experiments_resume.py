@@ -149,6 +149,30 @@ def test_a_checkpoint_of_another_config_is_refused_naming_what_differs(compose, 
         execute(compose("train.epochs=3", f"output.root={tmp_path}", "method=aadl_ma"))
 
 
+def test_a_run_resumed_on_other_cpu_kernels_says_it_is_no_longer_bit_for_bit(compose, tmp_path, monkeypatch):
+    run_dir = _preempted_run(compose, tmp_path, monkeypatch)
+    here = torch.backends.cpu.get_cpu_capability()
+    meta_path = run_dir / "meta.json"
+    started_on = {**json.loads(meta_path.read_text()), "cpu_capability": "VSX"}  # as if begun on a POWER node
+    meta_path.write_text(json.dumps(started_on))
+    outcome = execute(compose("train.epochs=3", f"output.root={tmp_path}"))
+    assert outcome.status == "completed"
+    meta = json.loads(meta_path.read_text())
+    assert meta["cpu_capability"] == "VSX" and meta["resumed"][-1]["cpu_capability"] == here
+    assert meta["resumed"][-1]["step"] == 12
+    log = (run_dir / "run.log").read_text()
+    assert f"resumed at step 12 on other hardware (cpu_capability 'VSX' -> '{here}')" in log
+    assert "not bit for bit" in log
+
+
+def test_a_run_resumed_on_the_same_kernels_warns_nothing(compose, tmp_path, monkeypatch):
+    run_dir = _preempted_run(compose, tmp_path, monkeypatch)
+    execute(compose("train.epochs=3", f"output.root={tmp_path}"))
+    meta = json.loads((run_dir / "meta.json").read_text())
+    assert meta["resumed"][-1]["cpu_capability"] == meta["cpu_capability"]
+    assert "other hardware" not in (run_dir / "run.log").read_text()
+
+
 def test_checkpoints_load_with_weights_only(compose, tmp_path, monkeypatch):
     run_dir = _preempted_run(compose, tmp_path, monkeypatch, "method=aadl_ma")
     (saved,) = checkpoint.list_checkpoints(run_dir)

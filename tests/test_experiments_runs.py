@@ -11,6 +11,7 @@ import sys
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from conftest import REPO_ROOT
@@ -94,6 +95,9 @@ def test_short_run_writes_a_complete_schema_valid_run_directory(short_run, tmp_p
     assert meta["budget"] == {"unit": "epoch", "total": EPOCHS, "eval_every": 1} and meta["expected_rows"] == EPOCHS + 1
     assert json.loads((path / COMPLETE_FILE).read_text())["rows"] == EPOCHS + 1
     assert {"commit", "dirty"} <= set(meta["git"]) and meta["torch"] and meta["host"] and meta["started"] <= meta["ended"]
+    # The kernels torch chose: reruns are bit-for-bit on one CPU capability, not across them.
+    assert meta["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and "cpu_model" in meta
+    assert "gpu_model" not in meta
     assert any("400 training / 100 validation" in line for line in meta["notes"])
     assert meta["final"]["val_loss"] == pytest.approx(metrics["val_loss"].iloc[-1])
     log = (path / "run.log").read_text()

@@ -153,7 +153,8 @@ def test_a_preempted_group_resumes_bit_identically(compose, data_root, tmp_path,
     assert [o.status for o in resumed] == ["completed"] * len(SEEDS)
     for before, after in zip(reference, resumed):
         assert_bit_identical(before.path, after.path)
-        assert len(json.loads((after.path / "meta.json").read_text())["resumed"]) == 1
+        (resumption,) = json.loads((after.path / "meta.json").read_text())["resumed"]
+        assert resumption["step"] == step and resumption["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert not folder.exists()
 
 
