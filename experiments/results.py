@@ -29,6 +29,7 @@ from __future__ import annotations
 import csv
 import errno
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -193,9 +194,11 @@ class RunDirectory:
             handler.close()
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_model() -> str:
     """The processor's name as the OS gives it (x86's "model name", POWER's "cpu"), else
-    whatever Python's platform module knows (may be empty)."""
+    whatever Python's platform module knows (may be empty). Read once per process: a seed
+    group writes one meta.json per seed."""
     try:
         with open("/proc/cpuinfo") as info:
             fields = dict(line.split(":", 1) for line in info if ":" in line)
