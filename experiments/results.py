@@ -6,7 +6,9 @@ One directory per run (one config, one seed)::
         config.yaml   the resolved config (problem and method defaults filled in)
         meta.json     identity, status, method, budget and expected rows, git commit and
                       dirty flag, host, processor (model and torch's CPU kernel level, GPU
-                      model), versions, device, start/end time, problem notes
+                      model), the scheduler's job ids, versions, device, start/end time,
+                      problem notes; one ``resumed`` entry per later segment (step, time,
+                      host, commit, job ids, processor)
         metrics.csv   one row per evaluation (columns: see MetricsWriter)
         run.log       the run's log
         checkpoints/  while it runs: the newest checkpoints (experiments/checkpoint.py)
@@ -42,6 +44,8 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
+
+from experiments.atomic import write_atomically
 
 CONFIG_FILE = "config.yaml"
 META_FILE = "meta.json"
@@ -161,13 +165,13 @@ class RunDirectory:
         return json.loads(self.file(META_FILE).read_text())
 
     def write_meta(self, meta: dict[str, Any]) -> None:
-        _write_atomically(self.file(META_FILE), json.dumps(meta, indent=2, default=str) + "\n")
+        write_atomically(self.file(META_FILE), json.dumps(meta, indent=2, default=str) + "\n")
 
     def mark_finished(self, outcome: str, rows: int, last_step: int) -> None:
         """Write COMPLETE: what a reader checks metrics.csv against."""
         assert outcome in OUTCOMES, outcome
         marker = {"outcome": outcome, "rows": rows, "last_step": last_step, "ended": now()}
-        _write_atomically(self.file(COMPLETE_FILE), json.dumps(marker) + "\n")
+        write_atomically(self.file(COMPLETE_FILE), json.dumps(marker) + "\n")
 
     def replace(self, target: "RunDirectory") -> None:
         """Move this finished directory to ``target``'s place, deleting what was there only
@@ -208,6 +212,17 @@ def cpu_model() -> str:
     return fields.get("model name") or fields.get("cpu") or platform.processor()
 
 
+#: The batch scheduler's job ids a run records per segment (Slurm's job and array element,
+#: LSF's job and array index), so a run can be traced to the job that ran it.
+JOB_VARIABLES = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "LSB_JOBID", "LSB_JOBINDEX")
+
+
+def scheduler_job(environ: Any = None) -> dict[str, str]:
+    """The scheduler job ids set in the environment (``JOB_VARIABLES``); {} outside a job."""
+    environ = os.environ if environ is None else environ
+    return {name: environ[name] for name in JOB_VARIABLES if environ.get(name)}
+
+
 def hardware(device: str) -> dict[str, Any]:
     """What the numbers of a run depend on beyond code, config and versions: torch picks
     its CPU kernels by the instruction set it finds (``cpu_capability``: AVX2, AVX512, ...),
@@ -240,6 +255,7 @@ def run_metadata(run: Any, device: str) -> dict[str, Any]:
         "budget": {"unit": run.problem_class.budget_unit, "total": run.budget, "eval_every": cfg.train.eval_every},
         "expected_rows": expected_rows(run.budget, cfg.train.eval_every),
         "git": git_state(REPO_ROOT),
+        "job": scheduler_job(),
         "host": socket.gethostname(),
         "platform": platform.platform(),
         "python": sys.version.split()[0],
@@ -253,23 +269,40 @@ def run_metadata(run: Any, device: str) -> dict[str, Any]:
 
 
 def record_resumption(meta: dict[str, Any], step: int, device: str) -> str | None:
-    """Append this resumption (step, time, host and hardware) to ``meta["resumed"]``;
-    returns a warning where the hardware's kernels differ from those the run started on
-    (a requeued job landing on another node type): from here on the run is not bit for bit
-    what an uninterrupted run gives."""
+    """Append this resumption (step, time, host, code version, job ids and hardware) to
+    ``meta["resumed"]``; returns a warning where the code version (commit or dirty flag) or
+    the hardware's kernels differ from those the run started on (a job requeued after a
+    pull, or landing on another node type): from here on the run is not what an
+    uninterrupted run gives, and the analysis keeps it apart (aggregate.provenance)."""
     here = hardware(device)
-    meta.setdefault("resumed", []).append({"step": step, "at": now(), "host": socket.gethostname(), **here})
+    code = git_state(REPO_ROOT)
+    meta.setdefault("resumed", []).append(
+        {"step": step, "at": now(), "host": socket.gethostname(), "git": code, "job": scheduler_job(), **here}
+    )
+    warnings = []
+    started = meta.get("git")
+    if isinstance(started, dict) and (started.get("commit"), started.get("dirty")) != (code["commit"], code["dirty"]):
+        warnings.append(
+            f"resumed at step {step} under another code version ({_code_text(started)} -> {_code_text(code)}): "
+            "the rest of this run is not what one code version gives; the analysis keeps it apart from "
+            "runs of either version"
+        )
     changed = [
         f"{key} {meta[key]!r} -> {here[key]!r}"
         for key in ("cpu_capability", "gpu_model")
         if key in meta and key in here and meta[key] != here[key]
     ]
-    if not changed:
-        return None
-    return (
-        f"resumed at step {step} on other hardware ({', '.join(changed)}): torch's kernels there round "
-        "differently, so the rest of this run is not bit for bit what an uninterrupted run gives"
-    )
+    if changed:
+        warnings.append(
+            f"resumed at step {step} on other hardware ({', '.join(changed)}): torch's kernels there round "
+            "differently, so the rest of this run is not bit for bit what an uninterrupted run gives"
+        )
+    return "; ".join(warnings) or None
+
+
+def _code_text(git: dict[str, Any]) -> str:
+    commit = git.get("commit")
+    return f"{commit[:10] if commit else 'unknown commit'}{' (dirty)' if git.get('dirty') else ''}"
 
 
 def constant_columns(run: Any) -> dict[str, Any]:
@@ -291,7 +324,14 @@ def constant_columns(run: Any) -> dict[str, Any]:
 
 
 def git_state(repo: Path) -> dict[str, Any]:
-    """Commit and dirty flag of ``repo``; None where git or a commit is not available."""
+    """Commit and dirty flag of ``repo``; None where git or a commit is not available.
+    Read once per process: the code a process runs is what it imported when it started,
+    whatever is committed or edited while it trains (and a seed group asks once per seed)."""
+    return dict(_git_state(str(repo)))
+
+
+@functools.lru_cache(maxsize=None)
+def _git_state(repo: str) -> tuple[tuple[str, Any], ...]:
 
     def git(*args: str) -> str | None:
         try:
@@ -302,17 +342,9 @@ def git_state(repo: Path) -> dict[str, Any]:
 
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit, "dirty": None if status is None else bool(status)}
+    return (("commit", commit), ("dirty", None if status is None else bool(status)))
 
 
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
-
-def _write_atomically(path: Path, text: str) -> None:
-    temp = path.with_name(f".{path.name}.tmp")
-    with open(temp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)

@@ -46,6 +46,10 @@ def write_run(
     data_sha256: str | None = None,
     method: str | None = None,
     legend_order: int | None = None,
+    commit: str | None = None,
+    dirty: bool | None = None,
+    cpu_capability: str | None = None,
+    resumed: Sequence[dict] = (),
 ) -> Path:
     """One run directory with the given validation curve (one value per evaluation, from
     unit 0), as the driver writes it, without training anything; returns its path.
@@ -57,7 +61,9 @@ def write_run(
     run finished; ``data_sha256`` the checksum of the graduate-admissions file (default
     DEFAULT_SHA256; burgers experiments have no data file); ``identity`` adds config keys
     (e.g. {"method.aadl.history": 5}); ``metrics`` adds the problem's own columns;
-    ``unit="iteration"`` writes an iteration budget (empty epoch column, 10 steps a row).
+    ``unit="iteration"`` writes an iteration budget (empty epoch column, 10 steps a row);
+    ``commit``/``dirty`` the git block, ``cpu_capability`` the kernel level (absent where
+    None), ``resumed`` the resumption entries (each e.g. {"step", "git", "cpu_capability"}).
     """
     default_method, default_order, average = method_of(variant)
     method = method or default_method
@@ -115,9 +121,13 @@ def write_run(
         "budget": {"unit": unit, "total": total, "eval_every": eval_every},
         "expected_rows": 1 + math.ceil(total / eval_every),
         "final": rows[-1],
-        "git": {"commit": None, "dirty": None},
+        "git": {"commit": commit, "dirty": dirty},
         "host": "synthetic",
     }
+    if cpu_capability is not None:
+        meta["cpu_capability"] = cpu_capability
+    if resumed:
+        meta["resumed"] = [dict(entry) for entry in resumed]
     if complete and outcome == "diverged":
         meta["diverged"] = {"step": rows[-1]["step"], "unit": len(rows) - 1, "quantity": "val_loss"}
     (directory / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")

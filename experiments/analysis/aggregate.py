@@ -21,6 +21,14 @@ plus its method's keys that differ between the variant's configurations, e.g.
 file, as the data set and the start of its checksum), so one function serves a paper
 figure (three variants, one configuration each) and a sweep alike, and runs on other data
 or settings are never pooled or compared without a label saying so.
+
+The same holds for what ran them (``provenance``): the code version (git commit and dirty
+flag of every segment of a run: a run resumed under another commit has the set of its
+segments' versions) and the kernel level (torch's ``cpu_capability``, and the GPU model
+where there is one). Where finished runs differ in either, configurations are split by it
+and labelled ("Adam (code=1a2b3c4d)"), one warning line names the split, and baselines
+are paired within one code version and kernel level only; ``pool=("kernels",)`` (or
+"code") pools across it instead, and the notes of every table and figure say so.
 """
 
 from __future__ import annotations
@@ -104,6 +112,11 @@ class Results:
     diverged: list[RunIssue] = field(default_factory=list)
     incomplete: list[RunIssue] = field(default_factory=list)
     damaged: list[RunIssue] = field(default_factory=list)
+    skipped: list[RunIssue] = field(default_factory=list)  # found by the walk, not read (links, loops)
+    #: "code" / "kernels" -> {value: finished runs}, for each one whose finished runs differ.
+    provenance: dict[str, dict[str, int]] = field(default_factory=dict)
+    pooled: tuple[str, ...] = ()  # of PROVENANCE: pooled on request rather than split
+    mixed: list[RunIssue] = field(default_factory=list)  # finished runs whose segments differ in code or kernels
 
     @property
     def labels(self) -> list[str]:
@@ -395,14 +408,69 @@ def _number(value: float) -> str:
 
 
 def find_run_dirs(root: Path | str) -> list[Path]:
-    """Every run directory under ``root`` (any depth, ``root`` itself included), sorted;
-    hidden directories (Hydra's .hydra) are not searched."""
-    found = []
-    for directory, subdirectories, files in os.walk(root):
-        subdirectories[:] = sorted(d for d in subdirectories if not d.startswith("."))
+    """Every run directory under ``root`` (any depth, ``root`` itself included), sorted.
+    Links to directories are followed; what the walk skips (a directory reached a second
+    time through a link, which is also how a loop of links ends; a broken link; a folder
+    that cannot be read; run directories inside hidden folders) is named in one warning
+    line each (``walk_run_dirs`` returns it)."""
+    found, skipped = walk_run_dirs(root)
+    for issue in skipped:
+        log.warning("skipped %s", issue)
+    return found
+
+
+def walk_run_dirs(root: Path | str) -> tuple[list[Path], list[RunIssue]]:
+    """(run directories, what was skipped and why) under ``root``, as ``find_run_dirs``
+    walks it. Hidden folders (Hydra's .hydra) are not read; run directories found in one
+    are named as skipped."""
+    root = Path(root)
+    found: list[Path] = []
+    skipped: list[RunIssue] = []
+    seen: dict[tuple[int, int], Path] = {}
+
+    def unreadable(error: OSError) -> None:
+        path = Path(error.filename) if error.filename else root
+        skipped.append(RunIssue(path, "skipped", f"cannot be read ({error.strerror or error})"))
+
+    try:
+        top = root.stat()
+    except OSError:
+        return [], []
+    seen[(top.st_dev, top.st_ino)] = root
+    for directory, subdirectories, files in os.walk(root, onerror=unreadable, followlinks=True):
+        here = Path(directory)
+        kept = []
+        for name in sorted(subdirectories):
+            path = here / name
+            if name.startswith("."):
+                hidden = _hidden_runs(path)
+                if hidden:
+                    skipped.append(RunIssue(path, "skipped", f"a hidden folder holding {hidden} run director{'ies' if hidden > 1 else 'y'} (hidden folders are not read)"))
+                continue
+            try:
+                info = path.stat()
+            except OSError as error:
+                skipped.append(RunIssue(path, "skipped", f"cannot be read ({error.strerror or error})"))
+                continue
+            key = (info.st_dev, info.st_ino)
+            if key in seen:
+                skipped.append(RunIssue(path, "skipped", f"the same folder as {seen[key]}, already read (a second link, or a loop of links)"))
+                continue
+            seen[key] = path
+            kept.append(name)
+        subdirectories[:] = kept
+        for name in files:
+            path = here / name
+            if path.is_symlink() and not path.exists():
+                skipped.append(RunIssue(path, "skipped", f"a broken link (to {os.readlink(path)})"))
         if any(name in files for name in RUN_FILES):
-            found.append(Path(directory))
-    return sorted(found)
+            found.append(here)
+    return sorted(found), skipped
+
+
+def _hidden_runs(folder: Path) -> int:
+    """How many run directories a hidden folder holds (Hydra's own .hydra holds none)."""
+    return sum(1 for _, _, files in os.walk(folder) if META_FILE in files or COMPLETE_FILE in files)
 
 
 def find_runs(root: Path | str) -> tuple[list[Path], list[Path]]:
@@ -414,40 +482,133 @@ def find_runs(root: Path | str) -> tuple[list[Path], list[Path]]:
     return finished, unfinished
 
 
-def load_results(root: Path | str) -> Results:
+def load_results(root: Path | str, pool: Sequence[str] = ()) -> Results:
     """Every run under ``root``, checked: good runs are aggregated, diverged ones counted,
-    incomplete and damaged ones left out with one warning line each."""
-    return _collect([check_run(path) for path in find_run_dirs(root)], f"under {root}")
+    incomplete and damaged ones left out with one warning line each. Runs of several code
+    versions or kernel levels are split by them unless ``pool`` names them (``PROVENANCE``)."""
+    pool = check_pool(pool)
+    found, skipped = walk_run_dirs(root)
+    for issue in skipped:
+        log.warning("skipped %s", issue)
+    return _collect([check_run(path) for path in found], f"under {root}", pool, skipped)
 
 
-def load_runs(paths: Sequence[Path | str]) -> Results:
+def load_runs(paths: Sequence[Path | str], pool: Sequence[str] = ()) -> Results:
     """Exactly the given run directories (e.g. the runs one command just made, without
     the other configurations stored beside them), checked as ``load_results`` does."""
+    pool = check_pool(pool)
     if not paths:
         raise ResultsError("no runs given")
-    return _collect([check_run(path) for path in paths], f"among the {len(paths)} given")
+    return _collect([check_run(path) for path in paths], f"among the {len(paths)} given", pool)
+
+
+# --------------------------------------------------------------------------------------------
+# Provenance: the code and the kernels that made a run's numbers
+# --------------------------------------------------------------------------------------------
+
+#: What besides its config tells two runs' numbers apart: the code version that ran them and
+#: torch's kernel level (CPU instruction set, GPU model). Also the names ``pool`` takes.
+PROVENANCE = ("code", "kernels")
+PROVENANCE_NAMES = {"code": "code versions", "kernels": "kernel levels"}
+UNKNOWN = "unknown"
+
+
+def check_pool(pool: Sequence[str] | str | None) -> tuple[str, ...]:
+    """``pool`` as a tuple of PROVENANCE names ("code,kernels" and "all" accepted)."""
+    if pool is None:
+        return ()
+    if isinstance(pool, str):
+        pool = [part.strip() for part in pool.split(",") if part.strip()]
+    names = []
+    for name in pool:
+        if name == "all":
+            names += PROVENANCE
+        elif name in PROVENANCE:
+            names.append(name)
+        else:
+            raise ResultsError(f"pool: {name!r} is none of {', '.join(PROVENANCE)} or all")
+    return tuple(dict.fromkeys(names))
+
+
+def segments(meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """The segments of a run, first to last: the one meta.json itself describes (from step
+    0) and one per ``resumed`` entry, each with what was recorded of it (``step``, ``host``,
+    ``git``, ``job``: the scheduler's job ids, ``cpu_capability``, ``gpu_model``)."""
+    keys = ("host", "git", "job", "cpu_capability", "gpu_model")
+    first = {"step": 0, **{key: meta[key] for key in keys if key in meta}}
+    resumed = meta.get("resumed")
+    return [first, *(entry for entry in (resumed if isinstance(resumed, list) else []) if isinstance(entry, dict))]
+
+
+def code_version(git: Any) -> str:
+    """A segment's code version: the commit's first 8 hex digits, "-dirty" where tracked
+    files differed from it; "unknown" where none was recorded (no git, a copy of the files)."""
+    commit = git.get("commit") if isinstance(git, dict) else None
+    if not isinstance(commit, str) or not commit:
+        return UNKNOWN
+    return commit[:8] + ("-dirty" if git.get("dirty") else "")
+
+
+def kernel_level(segment: dict[str, Any]) -> str:
+    """A segment's kernel level: torch's cpu_capability, and the GPU model where it ran on one."""
+    cpu = segment.get("cpu_capability")
+    parts = [cpu if isinstance(cpu, str) and cpu else UNKNOWN]
+    if isinstance(segment.get("gpu_model"), str) and segment["gpu_model"]:
+        parts.append(segment["gpu_model"])
+    return " / ".join(parts)
+
+
+def provenance(meta: dict[str, Any]) -> dict[str, str]:
+    """{"code": ..., "kernels": ...} of a run: the rule every reader (figures, summaries, the
+    claims report, status) uses to keep apart what other code or kernels computed. A run
+    whose segments differ has the set of its segments' values ("1a2b3c4d & 5e6f7a8b"), so
+    it pools with neither version's runs. Segments that recorded nothing (resumptions by an
+    older harness, which recorded no commit) add nothing."""
+    parts = segments(meta)
+    codes = [code_version(part["git"]) for part in parts if "git" in part]
+    kernels = [kernel_level(part) for part in parts if "cpu_capability" in part or "gpu_model" in part]
+    return {
+        "code": " & ".join(dict.fromkeys(codes)) or UNKNOWN,
+        "kernels": " & ".join(dict.fromkeys(kernels)) or UNKNOWN,
+    }
+
+
+def provenance_notes(results: Results) -> list[str]:
+    """Lines a table or figure carries about its runs' code versions and kernel levels:
+    which split the configurations, which were pooled on request, which runs are mixed."""
+    notes = []
+    for key, counts in results.provenance.items():
+        listed = ", ".join(f"{value} ({n} run{'s' if n != 1 else ''})" for value, n in counts.items())
+        if key in results.pooled:
+            notes.append(f"Pooled across {PROVENANCE_NAMES[key]} on request (pool={key}): {listed}.")
+        else:
+            notes.append(f"Runs of {len(counts)} {PROVENANCE_NAMES[key]} are kept apart (labels say {key}=...; pool={key} pools them): {listed}.")
+    if results.mixed:
+        notes.append(f"{len(results.mixed)} run{'s' if len(results.mixed) > 1 else ''} resumed under other code or kernels, kept apart as their own set of versions.")
+    return notes
 
 
 #: Columns of Results.runs besides "label" and the identity keys.
 RUN_FIELDS = ("run", "variant", "method", "legend_order", "baseline", "seed", "config_id")
 
 
-def _collect(checks: Sequence[RunCheck], where: str) -> Results:
+def _collect(checks: Sequence[RunCheck], where: str, pool: tuple[str, ...] = (), skipped: Sequence[RunIssue] = ()) -> Results:
     incomplete = [RunIssue(c.path, "incomplete", c.reason) for c in checks if c.kind == "incomplete"]
     damaged = [RunIssue(c.path, "damaged", c.reason) for c in checks if c.kind == "damaged"]
     for issue in damaged + incomplete:
         log.warning("left out %s", issue)
-    finished = [c for c in checks if c.kind in ("good", "diverged")]
+    finished = [_run_record(c) for c in checks if c.kind in ("good", "diverged")]
+    # Split first: a seed run under two code versions is two runs, not two copies of one.
+    provenance_counts, mixed = _split_by_provenance(finished, pool)
     records, seen = [], {}
-    for check in finished:
-        record = _run_record(check)
+    for record in finished:
         key = (record["_configuration"], record["seed"])
         if key in seen:
             # The same configuration and seed stored twice (e.g. under two output names)
             # would count one seed twice.
-            log.warning("left out %s: a second copy of the run in %s (same config and seed)", check.path, seen[key])
+            log.warning("left out %s: a second copy of the run in %s (same config and seed)", record["run"], seen[key])
             continue
-        seen[key] = check.path
+        seen[key] = record["run"]
         records.append(record)
     good = [r for r in records if r["_kind"] == "good"]
     if not good:
@@ -472,7 +633,34 @@ def _collect(checks: Sequence[RunCheck], where: str) -> Results:
     good = [r for r in records if r["_kind"] == "good"]
     runs = pd.DataFrame([{k: v for k, v in r.items() if not k.startswith("_")} for r in good])
     metrics = pd.concat([r["_metrics"].assign(run=r["run"], label=r["label"]) for r in good], ignore_index=True)
-    return Results(metrics, runs, varying, _configurations(records), diverged, incomplete, damaged)
+    return Results(metrics, runs, varying, _configurations(records), diverged, incomplete, damaged,
+                   list(skipped), provenance_counts, tuple(k for k in pool if k in provenance_counts), mixed)
+
+
+def _split_by_provenance(records: list[dict], pool: tuple[str, ...]) -> tuple[dict[str, dict[str, int]], list[RunIssue]]:
+    """Give each record the provenance keys whose values differ among the finished runs
+    (unless pooled), as part of its configuration; return the counts per value of each key
+    that differs, and the runs whose segments differ. Logs one warning line per split."""
+    found = {key: {} for key in PROVENANCE}
+    mixed = []
+    for record in records:
+        for key, value in record["_provenance"].items():
+            found[key][value] = found[key].get(value, 0) + 1
+        if any(" & " in value for value in record["_provenance"].values()):
+            mixed.append(RunIssue(Path(record["run"]), "mixed", ", ".join(f"{k}={v}" for k, v in record["_provenance"].items() if " & " in v)))
+    differing = {key: dict(sorted(counts.items())) for key, counts in found.items() if len(counts) > 1}
+    for key, counts in differing.items():
+        listed = ", ".join(f"{value}: {n}" for value, n in counts.items())
+        if key in pool:
+            log.warning("pooled on request: runs of %d %s (%s)", len(counts), PROVENANCE_NAMES[key], listed)
+            continue
+        log.warning("runs of %d %s (%s) are kept apart: labels say %s=...; pool=%s pools them", len(counts), PROVENANCE_NAMES[key], listed, key, key)
+        for record in records:
+            record[key] = record["_provenance"][key]
+            record["_configuration"] = (*record["_configuration"], f"{key}={record[key]}")
+    for issue in mixed:
+        log.warning("%s: resumed under other %s", issue.path, issue.reason)
+    return differing, mixed
 
 
 def _run_record(check: RunCheck) -> dict:
@@ -486,6 +674,7 @@ def _run_record(check: RunCheck) -> dict:
         # Runs whose recorded identity differs are different configurations even if the
         # writer gave them one config_id: nothing is pooled that the files tell apart.
         "_configuration": (meta["config_id"], json.dumps(meta["identity"], sort_keys=True, default=str)),
+        "_provenance": provenance(meta),
         "_kind": check.kind,
         "_reason": check.reason,
         "_metrics": check.metrics,
@@ -636,13 +825,15 @@ def baseline_label(results: Results) -> str | None:
 
 def baselines(results: Results) -> dict[str, str]:
     """label -> the baseline configuration it is compared with. It must be on the same
-    data (``data.*.sha256``); with several baseline configurations (e.g. one per learning
-    rate) it is the one whose identity agrees on every key outside ``method.*``.
+    data (``data.*.sha256``), code version and kernel level (where runs are split by them);
+    with several baseline configurations (e.g. one per learning rate) it is the one whose
+    identity agrees on every key outside ``method.*``.
     Configurations without such a baseline get no ratio."""
     configs = results.configurations
     plain = configs[configs["baseline"]]
     keys = [k for k in _identity_keys(configs) if not k.startswith("method.")]
-    shared = keys if len(plain) > 1 else [k for k in keys if _is_data_key(k)]
+    # Within one code version and kernel level only, where runs are split by them.
+    shared = keys if len(plain) > 1 else [k for k in keys if _is_data_key(k) or k in PROVENANCE]
     out = {}
     for _, config in configs.iterrows():
         matches = [b["label"] for _, b in plain.iterrows() if all(_same(config[k], b[k]) for k in shared)]
@@ -777,8 +968,9 @@ def _cell(value: object) -> str:
 
 def left_out_notes(results: Results, table: pd.DataFrame | None = None) -> list[str]:
     """Lines a figure or table carries about the runs it does not show: "k of N seeds
-    diverged" per configuration (from ``table``'s counts where given) and how many
-    damaged and incomplete runs were left out."""
+    diverged" per configuration (from ``table``'s counts where given), how many damaged
+    and incomplete runs were left out and folders not read, and how code versions and
+    kernel levels were split or pooled (``provenance_notes``)."""
     counts = table if table is not None else results.configurations.rename(columns={"seeds": "runs"})
     notes = [
         f"{label}: {d} of {n + d} seeds diverged (not in the means)"
@@ -787,4 +979,6 @@ def left_out_notes(results: Results, table: pd.DataFrame | None = None) -> list[
     left = [f"{len(runs)} {kind}" for kind, runs in (("damaged", results.damaged), ("incomplete", results.incomplete)) if runs]
     if left:
         notes.append(f"Left out: {' and '.join(left)} run{'s' if len(results.damaged) + len(results.incomplete) > 1 else ''} (named in the warnings).")
-    return notes
+    if results.skipped:
+        notes.append(f"Not read: {len(results.skipped)} folder{'s' if len(results.skipped) > 1 else ''} (links already read, broken or unreadable; named in the warnings).")
+    return notes + provenance_notes(results)
