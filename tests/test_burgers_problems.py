@@ -260,3 +260,55 @@ def test_notes_carry_the_caveats():
     paper = " ".join(make(Burgers100D).notes())
     assert "1e-27" in paper and "solution_scale=unit" in paper
     assert "1e-27" not in " ".join(make(Burgers100D, solution_scale="unit").notes())
+
+
+# --------------------------------------------------------------------------------------------
+# input-derivative modes (problem.derivatives)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+@pytest.mark.parametrize("problem_class", [Burgers2D, Burgers100D])
+def test_reverse_and_forward_mode_give_the_same_loss_and_gradients(problem_class, activation):
+    # float32 as the runs train: the modes differ only in rounding. (Reverse mode's 99
+    # Laplacian passes are slow: the 100d tanh case takes fewer points.)
+    points = 40 if (problem_class, activation) == (Burgers100D, "tanh") else 1000
+    losses, gradients = {}, {}
+    for mode in ("reverse", "forward"):
+        problem = make(problem_class, activation=activation, derivatives=mode, n_collocation=points)
+        model = problem.build_model()
+        (batch,) = problem.batches(1)
+        loss = problem.loss(model, batch)
+        losses[mode] = loss.item()
+        gradients[mode] = torch.autograd.grad(loss, list(model.parameters()))
+        with torch.no_grad():  # the safeguard's evaluation: the same value without a graph
+            assert problem.loss(model, batch).item() == pytest.approx(losses[mode], rel=1e-6)
+    assert losses["reverse"] == pytest.approx(losses["forward"], rel=1e-6)
+    for reverse, forward in zip(gradients["reverse"], gradients["forward"], strict=True):
+        torch.testing.assert_close(reverse, forward, rtol=1e-4, atol=1e-6 * forward.abs().max().item())
+
+
+@pytest.mark.parametrize(
+    ("problem_class", "activation", "expected"),
+    [(Burgers2D, "relu", "reverse"), (Burgers2D, "tanh", "reverse"), (Burgers100D, "relu", "reverse"), (Burgers100D, "tanh", "forward")],
+)
+def test_auto_picks_the_mode_with_fewer_flops(problem_class, activation, expected):
+    from experiments.problems.burgers.pinn import iteration_flops
+
+    problem = make(problem_class, activation=activation)
+    counts = {m: iteration_flops(*problem._derivative_shape(), m) for m in ("reverse", "forward")}
+    assert problem.derivative_method == expected == min(counts, key=counts.get)
+    assert f"input derivatives: {expected} mode (problem.derivatives=auto)" in " ".join(problem.notes())
+    assert make(problem_class, activation=activation, derivatives="forward").derivative_method == "forward"
+
+
+def test_forward_mode_is_what_the_problem_computed_before_reverse_mode():
+    # problem.derivatives=forward keeps the earlier runs' arithmetic: the forward Laplacian.
+    from experiments.problems.burgers.pinn import forward_laplacian
+
+    problem = make(Burgers2D, derivatives="forward")
+    model = problem.build_model()
+    points = problem.batches(1)[0].collocation_points
+    d = forward_laplacian(model, points, problem._directions, range(1))
+    expected = d.directional[:, 1] + d.value * d.directional[:, 0] - problem.cfg.nu * d.laplacian
+    assert torch.equal(problem.pde_operator(model, points), expected)

@@ -11,7 +11,7 @@ from experiments.problems.burgers.pinn import PinnMLP, input_derivatives
 # torch.func's jvp loads TorchScript decompositions, which warn under torch >= 2.10.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 
-FAST_METHODS = ["forward", "func"]
+FAST_METHODS = ["reverse", "forward", "func"]
 
 
 def _points(n, dims, seed=0):

@@ -3,14 +3,20 @@
 A PINN residual needs, at every collocation point, the network's value, a few first
 derivatives (along given directions of the input) and a Laplacian (the sum of second
 derivatives over some input coordinates). :func:`input_derivatives` computes all three,
-exactly, by one of three methods:
+exactly, by one of four methods:
 
+``reverse``
+    Plain autograd, the way a PINN is usually written: one reverse pass over the input gives
+    every first derivative, and one more reverse pass per Laplacian coordinate gives the
+    Laplacian, which is skipped where the network has no curvature (ReLU: every second
+    derivative is zero). Cheapest where the Laplacian is absent or over few coordinates.
 ``forward``
     Forward-mode propagation of (value, tangents, Laplacian) through a :class:`PinnMLP`
     ("forward Laplacian"): one pass, no autograd over the input, no per-direction loop. The
     Laplacian over ``n`` coordinates needs only ``min(n, width)`` tangents, because it depends
     on the first layer's weights for those coordinates only through their Gram matrix (see
-    :func:`_laplacian_tangents`). The fastest method by far; only for :class:`PinnMLP` models.
+    :func:`_laplacian_tangents`). Cheapest for a Laplacian over many coordinates (Burgers
+    100d with tanh); only for :class:`PinnMLP` models.
 ``func``
     ``torch.func`` forward-over-reverse: Hessian-vector products ``jvp(grad(u), e_i)`` for all
     Laplacian basis directions at once under ``vmap``. Works for any model whose rows are
@@ -18,6 +24,10 @@ exactly, by one of three methods:
 ``loop``
     The textbook reference: one reverse pass for the gradient, then one more reverse pass per
     Laplacian coordinate. Kept for tests and for the benchmark's baseline.
+
+``auto`` picks, for a :class:`PinnMLP`, whichever of ``reverse`` and ``forward`` does fewer
+floating-point operations in one training iteration at its architecture
+(:func:`cheapest_method`, counted with ``torch.utils.flop_counter``), and ``func`` otherwise.
 
 Every method works with grad mode on (the result is differentiable with respect to the
 model's parameters, for training) and off (the AA safeguard evaluates the loss under
@@ -27,14 +37,17 @@ model's parameters, for training) and off (the AA safeguard evaluates the loss u
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+import functools
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
-DERIVATIVE_METHODS = ("auto", "forward", "func", "loop")
+DERIVATIVE_METHODS = ("auto", "reverse", "forward", "func", "loop")
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,20 +151,95 @@ def input_derivatives(
         x: (N, d) points.
         directions: (d, k); column j is a direction of the input space.
         laplacian_dims: input coordinates whose second derivatives are summed.
-        method: "forward", "func", "loop", or "auto" (forward for a :class:`PinnMLP`, func
+        method: "reverse", "forward", "func", "loop", or "auto" (for a :class:`PinnMLP` the
+            one of reverse and forward with fewer FLOPs, :func:`cheapest_method`; func
             otherwise).
     """
-    if method not in DERIVATIVE_METHODS:
-        raise ValueError(f"method must be one of {list(DERIVATIVE_METHODS)}, got {method!r}")
-    if method == "auto":
-        method = "forward" if isinstance(model, PinnMLP) else "func"
+    method = resolve_method(model, method, directions.shape[1], laplacian_dims)
     if method == "forward":
         if not isinstance(model, PinnMLP):
             raise ValueError(f"method='forward' needs a PinnMLP, got {type(model).__name__}")
         return forward_laplacian(model, x, directions, laplacian_dims)
+    if method == "reverse":
+        return reverse_derivatives(model, x, directions, laplacian_dims)
     if method == "func":
         return func_derivatives(model, x, directions, laplacian_dims)
     return loop_derivatives(model, x, directions, laplacian_dims)
+
+
+def resolve_method(
+    model: Callable[[Tensor], Tensor], method: str, n_directions: int, laplacian_dims: Sequence[int]
+) -> str:
+    """``method`` with "auto" replaced by what it picks for ``model``."""
+    if method not in DERIVATIVE_METHODS:
+        raise ValueError(f"method must be one of {list(DERIVATIVE_METHODS)}, got {method!r}")
+    if method != "auto":
+        return method
+    if not isinstance(model, PinnMLP):
+        return "func"
+    sizes = tuple(linear.in_features for linear in model.linears)
+    return cheapest_method(sizes, model.activation.name, n_directions, tuple(laplacian_dims))
+
+
+#: Points at which :func:`iteration_flops` counts; every count is linear in the points.
+_COUNTED_POINTS = 64
+
+
+@functools.lru_cache(maxsize=None)
+def iteration_flops(
+    sizes: tuple[int, ...], activation: str, n_directions: int, laplacian_dims: tuple[int, ...], method: str
+) -> int:
+    """Floating-point operations of one training iteration's input derivatives by ``method``
+    (a residual-like loss of all three outputs and its backward to the parameters), per
+    point, for a :class:`PinnMLP` whose layers take ``sizes`` inputs (the last is the width
+    of the layer before the output). Counted by ``torch.utils.flop_counter`` (matrix
+    products, which are what grows with the layers) on a network of that architecture."""
+    generator = torch.Generator().manual_seed(0)
+    mlp = PinnMLP(sizes[0], sizes[1], len(sizes) - 1, activation, generator=generator)
+    x = torch.rand(_COUNTED_POINTS, sizes[0], generator=generator)
+    directions = torch.zeros(sizes[0], n_directions)
+    directions[:n_directions, :].fill_diagonal_(1)
+
+    def iteration() -> None:
+        d = input_derivatives(mlp, x, directions, laplacian_dims, method)
+        (d.value.square().sum() + d.directional.square().sum() + d.laplacian.square().sum()).backward()
+
+    return counted_flops(iteration) // _COUNTED_POINTS
+
+
+class _FlopCount(TorchDispatchMode):
+    """Sums ``torch.utils.flop_counter``'s formulas over the operators it sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
+
+
+def counted_flops(call: Callable[[], object]) -> int:
+    """Floating-point operations of ``call()`` by ``torch.utils.flop_counter``'s formulas
+    (matrix products and convolutions). FlopCounterMode itself cannot count reverse-mode
+    input derivatives: the backward hooks of its module tracker make ``autograd.grad``
+    with respect to an input fail, so its formulas are applied here without the tracker."""
+    with _FlopCount() as counter:
+        call()
+    return counter.total
+
+
+def cheapest_method(
+    sizes: tuple[int, ...], activation: str, n_directions: int, laplacian_dims: tuple[int, ...]
+) -> str:
+    """"reverse" or "forward", whichever :func:`iteration_flops` counts fewer of (reverse on a
+    tie: it is plain autograd, with the fewest kernels)."""
+    flops = {m: iteration_flops(sizes, activation, n_directions, laplacian_dims, m) for m in ("reverse", "forward")}
+    return "reverse" if flops["reverse"] <= flops["forward"] else "forward"
 
 
 def forward_laplacian(
@@ -254,6 +342,27 @@ def func_derivatives(
         directional=gradients[0] @ directions.to(x.dtype),
         laplacian=hessian_diagonal.sum(dim=0),
     )
+
+
+def reverse_derivatives(
+    model: Callable[[Tensor], Tensor], x: Tensor, directions: Tensor, laplacian_dims: Sequence[int]
+) -> InputDerivatives:
+    """Plain autograd: one reverse pass for the gradient (every directional derivative), then
+    one reverse pass per Laplacian coordinate, none where the network has no curvature
+    (a :class:`PinnMLP` with ReLU, whose Laplacian is zero almost everywhere)."""
+    if isinstance(model, PinnMLP) and not model.activation.has_curvature:
+        laplacian_dims = ()
+    if laplacian_dims:
+        return loop_derivatives(model, x, directions, laplacian_dims)
+    keep_graph = torch.is_grad_enabled()
+    with torch.enable_grad():  # input derivatives need autograd even under no_grad
+        x = x.detach().requires_grad_(True)
+        value = model(x)[:, 0]
+        (gradient,) = torch.autograd.grad(value.sum(), x, create_graph=keep_graph)
+    derivatives = InputDerivatives(value, gradient @ directions.to(x.dtype), torch.zeros_like(value))
+    if keep_graph:
+        return derivatives
+    return InputDerivatives(*(t.detach() for t in derivatives))
 
 
 def loop_derivatives(

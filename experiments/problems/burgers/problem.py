@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import functools
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -33,7 +34,14 @@ from experiments.problems.burgers.exact import (
     burgers2d_on_grid,
 )
 from experiments.errors import require
-from experiments.problems.burgers.pinn import ACTIVATIONS, DERIVATIVE_METHODS, PinnMLP, input_derivatives
+from experiments.problems.burgers.pinn import (
+    ACTIVATIONS,
+    DERIVATIVE_METHODS,
+    PinnMLP,
+    cheapest_method,
+    input_derivatives,
+    iteration_flops,
+)
 from experiments.problems.base import Problem
 
 # --------------------------------------------------------------------------------------------
@@ -59,7 +67,9 @@ class BurgersConfig:
     initial_fraction: float = 0.5  # share of the n_boundary points on the initial face t = 0
     val_fraction: float = 0.2  # validation set size relative to a batch
     resample_every: int = 500  # iterations between redraws of the points; 0: never redraw
-    derivatives: str = "auto"  # input-derivative method, see experiments.problems.burgers.pinn
+    # Input derivatives: reverse (plain autograd), forward (forward Laplacian), func, loop, or
+    # auto: whichever of reverse and forward does fewer FLOPs per iteration here (pinn.py).
+    derivatives: str = "auto"
 
     def __post_init__(self):
         self.validate()
@@ -263,6 +273,20 @@ class BurgersProblem(Problem):
     def reference_solution(self) -> tuple[Tensor, Tensor]:
         """Fixed points (n, d + 1) and the exact u there (float64), for val_rel_l2."""
 
+    @functools.cached_property
+    def derivative_method(self) -> str:
+        """``problem.derivatives`` with auto resolved for this network (pinn.cheapest_method)."""
+        if self.cfg.derivatives != "auto":
+            return self.cfg.derivatives
+        return cheapest_method(*self._derivative_shape())
+
+    def _derivative_shape(self) -> tuple[tuple[int, ...], str, int, tuple[int, ...]]:
+        """(layer input sizes, activation, directions, Laplacian coordinates): what the
+        input derivatives' cost depends on."""
+        cfg = self.cfg
+        sizes = (self.spatial_dims + 1, *[cfg.width] * cfg.depth)
+        return sizes, cfg.activation, self._directions.shape[1], tuple(range(self.spatial_dims))
+
     # -- the Problem interface ---------------------------------------------------------------
 
     def build_model(self) -> PinnMLP:
@@ -327,6 +351,13 @@ class BurgersProblem(Problem):
                 "viscous term nu*Laplacian(u) drops out of the PDE residual; the network is "
                 "trained on the inviscid equation. activation=tanh is the usual PINN choice."
             )
+        method, shape = self.derivative_method, self._derivative_shape()
+        counts = {m: iteration_flops(*shape, m) for m in ("reverse", "forward")}
+        lines.append(
+            f"input derivatives: {method} mode (problem.derivatives={self.cfg.derivatives}); per "
+            "collocation point and iteration reverse mode does "
+            f"{counts['reverse'] / 1e3:.1f} kFLOP and forward mode {counts['forward'] / 1e3:.1f} kFLOP"
+        )
         every = self.cfg.resample_every
         lines.append(
             f"points: {self.cfg.n_boundary} initial/boundary and {self.cfg.n_collocation} "
@@ -355,7 +386,9 @@ class BurgersProblem(Problem):
             points,
             self._directions.to(points.dtype),
             range(self.spatial_dims),
-            self.cfg.derivatives,
+            # auto is resolved for this problem's PinnMLP; other models (an exact solution in
+            # the tests) keep input_derivatives' own choice
+            self.derivative_method if isinstance(model, PinnMLP) else self.cfg.derivatives,
         )
         advection, u_t = derivatives.directional.unbind(dim=1)
         return u_t + derivatives.value * advection - self.cfg.nu * derivatives.laplacian
