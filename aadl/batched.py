@@ -30,7 +30,6 @@ steps (see docs/library.md, "Batched seeds").
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -41,14 +40,13 @@ import torch
 from torch.optim import Optimizer
 
 from . import kernels, solvers
-from .checkpoint import base_optimizer_name, incompatible_settings
+from .base import STATS_FIELDS, AccelerationBase, AccelerationStats
+from .checkpoint import base_optimizer_name, incompatible_settings, shape_mismatch
 from .closure import _BACKWARD_UNDER_NO_GRAD
 from .distributed import process_group_active
 from .flat import ParameterVector
-from .hyperparameters import AndersonSettings, validate_settings
+from .hyperparameters import AndersonSettings
 from .memory import device_capacity, format_bytes, is_allocation_failure, pool_size
-from .optimizer import AccelerationStats, AndersonAcceleration
-from .wrapper import OptimizerWrapper
 
 BATCHED_STATE_FORMAT = 1
 _STATE_KEY = "batched_anderson"
@@ -457,7 +455,6 @@ class BatchedAverage:
 
 # -- counters ---------------------------------------------------------------------------
 
-STATS_FIELDS = tuple(f.name for f in dataclasses.fields(AccelerationStats))
 _INTEGER_COUNTERS = ("steps", "aa_attempts", "aa_accepted", "averages_applied", "qr_fallbacks")
 
 
@@ -516,7 +513,7 @@ def batched_memory_bytes(seeds: int, n: int, dtype: torch.dtype, settings: Ander
 # -- the wrapper ----------------------------------------------------------------------
 
 
-class BatchedAndersonAcceleration(OptimizerWrapper):
+class BatchedAndersonAcceleration(AccelerationBase):
     """Anderson acceleration of S independent copies of a model, stacked along a leading
     dimension of size S, as one ``torch.optim`` optimizer.
 
@@ -537,13 +534,9 @@ class BatchedAndersonAcceleration(OptimizerWrapper):
     the (S,) losses at the points kept when the safeguard ran, else ``None``.
     """
 
+    _name = "BatchedAndersonAcceleration"
+
     def __init__(self, optimizer: Optimizer, *, seeds: int, **settings: Any):
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(
-                "BatchedAndersonAcceleration wraps a torch.optim.Optimizer, got " + type(optimizer).__name__
-            )
-        if isinstance(optimizer, (AndersonAcceleration, BatchedAndersonAcceleration)):
-            raise TypeError("BatchedAndersonAcceleration cannot wrap another Anderson acceleration wrapper")
         if isinstance(optimizer, torch.optim.LBFGS):
             raise TypeError(
                 "BatchedAndersonAcceleration: torch.optim.LBFGS couples every entry (line search, "
@@ -551,15 +544,10 @@ class BatchedAndersonAcceleration(OptimizerWrapper):
             )
         if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
             raise _fail(f"seeds={seeds!r} is invalid; valid: an integer >= 1")
-        self.settings: AndersonSettings = validate_settings(**settings)
-        unsupported = self._unsupported(self.settings)
-        if unsupported:
-            raise _fail(unsupported)
-        self._wrap(optimizer)  # param_groups, state and defaults stay the base optimizer's
+        self._start(optimizer, settings)
         self.seeds = seeds
-        self._warned_no_closure = False
-        self._closure_error: BaseException | None = None
         self._build(self._trainable_parameters())
+        self._claim()
 
     @staticmethod
     def _unsupported(settings: AndersonSettings) -> str | None:
@@ -582,14 +570,7 @@ class BatchedAndersonAcceleration(OptimizerWrapper):
             )
         return None
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        self.optimizer.add_param_group(param_group)
-        self._sync_parameters()
-
     # -- setup --------------------------------------------------------------------------
-
-    def _trainable_parameters(self) -> list[torch.Tensor]:
-        return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
 
     def _build(self, params: list[torch.Tensor]) -> None:
         """Allocate every buffer for these parameters (history emptied); all or nothing."""
@@ -648,11 +629,6 @@ class BatchedAndersonAcceleration(OptimizerWrapper):
                 return buffer
         self._pool.append(torch.zeros_like(self._pool[0]))
         return self._pool[-1]
-
-    @property
-    def _dr_weight(self) -> float:
-        """The weight c of dR in X = dW + c dR (see aadl.history)."""
-        return self.settings.relaxation if self.settings.mixing == "walker_ni" else 1.0
 
     @property
     def n(self) -> int:
@@ -862,6 +838,7 @@ class BatchedAndersonAcceleration(OptimizerWrapper):
                 "format": BATCHED_STATE_FORMAT,
                 "seeds": self.seeds,
                 "n": self.n,
+                "shapes": [shape[1:] for shape in self.parameter_shapes()],
                 "settings": self.settings.as_dict(),
                 "dtype": str(self._rows.dtype),
                 "base_optimizer": base_optimizer_name(self.optimizer),
@@ -920,6 +897,9 @@ class BatchedAndersonAcceleration(OptimizerWrapper):
             raise ValueError(
                 where + "the checkpoint's state cannot be carried over to these settings: " + "; ".join(differing)
             )
+        mismatch = shape_mismatch([shape[1:] for shape in self.parameter_shapes()], saved.get("shapes"))
+        if mismatch:
+            raise ValueError(where + mismatch)
         shape_errors = self._shape_errors(saved)
         if shape_errors:
             raise ValueError(where + "; ".join(shape_errors))

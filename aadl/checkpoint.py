@@ -131,3 +131,24 @@ def layout_mismatch(here: dict, saved: dict) -> str | None:
         + " but this optimizer has "
         + ", ".join(f"{key}={here[key]}" for key in mismatched)
     )
+
+
+def shape_mismatch(here: list[list[int]], saved: list | None) -> str | None:
+    """Why a checkpoint whose trainable parameters had the shapes ``saved`` cannot load into
+    parameters shaped ``here``, or None (also None for a checkpoint that predates the
+    record: it was checked by its total size only)."""
+    if saved is None:
+        return None
+    saved = [list(shape) for shape in saved]
+    if saved == here:
+        return None
+    if len(saved) != len(here):
+        return (
+            f"the checkpoint holds {len(saved)} trainable parameters, this optimizer {len(here)}; "
+            "load it into the model it was saved from"
+        )
+    index = next(i for i, (a, b) in enumerate(zip(saved, here)) if a != b)
+    return (
+        f"parameter {index} has shape {tuple(saved[index])} in the checkpoint and {tuple(here[index])} "
+        "here (same parameter count, another layout); load it into the model it was saved from"
+    )

@@ -1,8 +1,9 @@
 """AADL hyperparameters: names, defaults and valid ranges (the contract's table).
 
-This module is the one place that knows the valid ranges. The optimizer and the experiment
-configs both call :func:`validate_settings`, so a bad value fails with the same message
-whether it comes from Python code or from a Hydra override.
+This module is the one place that knows the valid ranges, and which settings each variant
+can honour (:data:`VARIANT_LIMITS`). The optimizer and the experiment configs both call
+:func:`validate_settings`, so a bad value fails with the same message whether it comes from
+Python code or from a Hydra override, before a run starts.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ DISTRIBUTED_LAYOUTS = ("replicated", "sharded")
 VARIANTS = ("contract", "reference_code")
 # The authors' code fixes its moving-average threshold (AADL/accelerate.py).
 REFERENCE_CODE_THRESHOLD = 0.1
+#: The averaging criterion ``average_criterion=None`` stands for: each variant's own.
+DEFAULT_CRITERION = {"contract": "residual", "reference_code": "reference_code"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +45,7 @@ class AndersonSettings:
     average: bool = False  # moving average on/off
     average_window: int | None = None  # [t] iterates averaged; None means `history`
     average_threshold: float = 0.1  # [epsilon] of the averaging criterion
-    average_criterion: str = "residual"
+    average_criterion: str | None = None  # None: the variant's own (DEFAULT_CRITERION)
     safeguard: str = "loss"
     solver: str = "gram"
     mixing: str = "walker_ni"
@@ -136,7 +139,11 @@ def validate_settings(**settings: Any) -> AndersonSettings:
         average_threshold=_real(
             "average_threshold", s["average_threshold"], "a finite number > 0", lambda v: v > 0
         ),
-        average_criterion=_choice("average_criterion", s["average_criterion"], AVERAGE_CRITERIA),
+        average_criterion=(
+            DEFAULT_CRITERION.get(s["variant"], "residual")
+            if s["average_criterion"] is None
+            else _choice("average_criterion", s["average_criterion"], AVERAGE_CRITERIA)
+        ),
         safeguard=_choice("safeguard", s["safeguard"], SAFEGUARDS),
         solver=_choice("solver", s["solver"], SOLVERS),
         mixing=_choice("mixing", s["mixing"], MIXINGS),
@@ -144,34 +151,38 @@ def validate_settings(**settings: Any) -> AndersonSettings:
         history_device=_device("history_device", s["history_device"]),
         variant=_choice("variant", s["variant"], VARIANTS),
     )
-    if settings_checked.variant == "reference_code":
-        _check_reference_code(settings_checked)
+    _check_variant_limits(settings_checked)
     return settings_checked
 
 
-def _check_reference_code(s: AndersonSettings) -> None:
-    """Refuse the settings the authors' code has no room for, rather than ignore them.
+#: The settings a variant cannot honour: variant -> setting -> (the values it runs, given the
+#: other settings; why). Any other value is refused, naming the setting, rather than run as
+#: something else under a name (and a run identity) of its own.
+VARIANT_LIMITS: dict[str, dict[str, tuple[Any, str]]] = {
+    "contract": {},
+    "reference_code": {
+        "distributed": (lambda s: ("replicated",), "the authors' code has no sharded layout"),
+        "mixing": (lambda s: ("walker_ni",), "the authors' code mixes as Walker-Ni"),
+        "average_window": (
+            lambda s: (None, s.history + 2),
+            "its window is the history depth, history + 2",
+        ),
+        "average_threshold": (lambda s: (REFERENCE_CODE_THRESHOLD,), "the authors' code fixes it"),
+        "average_criterion": (
+            lambda s: ("reference_code",),
+            "the authors' code averages by its own criterion; None picks it",
+        ),
+    },
+}
 
-    Its moving-average window is its history depth and its threshold a constant, it mixes
-    only as Walker-Ni, and it has no sharded layout. (``average_criterion`` is moot: the
-    variant always uses the code's own criterion, and the default cannot be told apart
-    from an explicit choice.)"""
-    under = "under variant='reference_code'"
-    if s.distributed != "replicated":
-        raise _fail("distributed", s.distributed, f"'replicated' {under}")
-    if s.mixing != "walker_ni":
-        raise _fail("mixing", s.mixing, f"'walker_ni' {under} (the authors' code mixes as Walker-Ni)")
-    depth = s.history + 2
-    if s.average_window not in (None, depth):
-        raise _fail(
-            "average_window", s.average_window,
-            f"None {under} (its window is the history depth, history + 2 = {depth})",
-        )
-    if s.average_threshold != REFERENCE_CODE_THRESHOLD:
-        raise _fail(
-            "average_threshold", s.average_threshold,
-            f"{REFERENCE_CODE_THRESHOLD} {under} (the authors' code fixes it)",
-        )
+
+def _check_variant_limits(s: AndersonSettings) -> None:
+    under = f"under variant={s.variant!r}"
+    for name, (allowed, why) in VARIANT_LIMITS[s.variant].items():
+        values = allowed(s)
+        if getattr(s, name) not in values:
+            valid = " or ".join(repr(v) for v in values)
+            raise _fail(name, getattr(s, name), f"{valid} {under} ({why})")
 
 
 def variant_of(settings: dict) -> str:

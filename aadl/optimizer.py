@@ -14,7 +14,6 @@ all the paper's settings); other schedules need five. All of it is allocated up 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 from collections.abc import Callable
@@ -26,22 +25,16 @@ from torch.optim import Optimizer
 
 from . import kernels
 from .averaging import IterateAverage
-from .checkpoint import (
-    STATE_FORMAT,
-    base_optimizer_name,
-    format_error,
-    incompatible_settings,
-    layout_mismatch,
-    missing_keys,
-)
+from .base import STATS_FIELDS, AccelerationBase, AccelerationStats
+from .checkpoint import STATE_FORMAT, base_optimizer_name, incompatible_settings, layout_mismatch, missing_keys
 from .closure import evaluate_loss
 from .distributed import RowLayout
 from .flat import ParameterVector
 from .history import AndersonHistory
-from .hyperparameters import AndersonSettings, validate_settings, variant_of
+from .hyperparameters import AndersonSettings
 from .memory import device_capacity, estimate_memory_bytes, is_allocation_failure, out_of_memory, pool_size
+from .reference_variant import ReferenceCodeAcceleration
 from .solvers import LeastSquaresSolution, solve_normal_equations, solve_r_factor
-from .wrapper import OptimizerWrapper
 
 # The lean path (docs/library.md, "Memory and speed"): at n up to this many parameters on
 # the CPU, one process, the step's n-sized copies and differences run as numpy operations
@@ -51,23 +44,7 @@ from .wrapper import OptimizerWrapper
 LEAN_MAX_N = 1 << 16
 
 
-@dataclasses.dataclass
-class AccelerationStats:
-    """Counters for logging; ``as_dict()`` is what the experiment harness writes."""
-
-    steps: int = 0
-    aa_attempts: int = 0
-    aa_accepted: int = 0
-    averages_applied: int = 0
-    qr_fallbacks: int = 0  # gram systems too ill-conditioned, solved by QR instead
-    last_g_norm: float = math.nan
-    last_condition: float = math.nan  # 2-norm condition number of [dR; sqrt(lam) I]
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-class AndersonAcceleration(OptimizerWrapper):
+class AndersonAcceleration(AccelerationBase):
     """Anderson acceleration (AADL) of any ``torch.optim`` optimizer.
 
     Each ``step()`` runs one step of the base optimizer, then (on the configured
@@ -92,15 +69,14 @@ class AndersonAcceleration(OptimizerWrapper):
         history_device: where the history lives (default: the parameters' device).
         process_group: the ``torch.distributed`` group (default: the world).
         variant: ``contract`` (this class) or ``reference_code``, the authors' code's
-            history and averaging (``aadl.reference_variant``).
+            history and averaging: a ``aadl.reference_variant.ReferenceCodeAcceleration``,
+            this class's sibling under ``aadl.base.AccelerationBase``, is returned.
     """
 
     def __new__(cls, *args: Any, **kwargs: Any):
-        # variant="reference_code" builds its own subclass; everything else is this class.
         if cls is AndersonAcceleration and kwargs.get("variant") == "reference_code":
-            from .reference_variant import ReferenceCodeAcceleration
-
-            cls = ReferenceCodeAcceleration
+            # Not an instance of cls, so Python does not call this class's __init__ on it.
+            return ReferenceCodeAcceleration(*args, **kwargs)
         return super().__new__(cls)
 
     def __init__(
@@ -116,7 +92,7 @@ class AndersonAcceleration(OptimizerWrapper):
         average: bool = False,
         average_window: int | None = None,
         average_threshold: float = 0.1,
-        average_criterion: str = "residual",
+        average_criterion: str | None = None,
         safeguard: str = "loss",
         solver: str = "gram",
         mixing: str = "walker_ni",
@@ -125,14 +101,8 @@ class AndersonAcceleration(OptimizerWrapper):
         process_group=None,
         variant: str = "contract",
     ):
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(
-                "AndersonAcceleration wraps a torch.optim.Optimizer, got " + type(optimizer).__name__
-            )
-        if isinstance(optimizer, AndersonAcceleration):
-            raise TypeError("AndersonAcceleration cannot wrap another AndersonAcceleration")
-        # Validate everything before a single buffer is allocated.
-        self.settings: AndersonSettings = validate_settings(
+        # Check everything before a single buffer is allocated.
+        self._start(optimizer, dict(
             history=history,
             frequency=frequency,
             store_every=store_every,
@@ -149,28 +119,24 @@ class AndersonAcceleration(OptimizerWrapper):
             distributed=distributed,
             history_device=history_device,
             variant=variant,
-        )
-        self._wrap(optimizer)  # param_groups, state and defaults stay the base optimizer's
+        ))
         self.process_group = process_group
         self.stats = AccelerationStats()
-        self._warned_no_closure = False
-        self._closure_error: BaseException | None = None  # raised once the step is complete
         self._build(self._trainable_parameters())
+        self._claim()
+
+    @staticmethod
+    def _unsupported(settings: AndersonSettings) -> str | None:
+        if settings.variant != "contract":  # only reachable by calling this class's __init__ directly
+            return f"variant={settings.variant!r} is built by aadl.reference_variant.ReferenceCodeAcceleration"
+        return None
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.__dict__.setdefault("_closure_error", None)  # pickled by an older aadl
         self.__dict__.setdefault("_lean", False)
         self.__dict__.setdefault("_numpy_copies", False)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        self.optimizer.add_param_group(param_group)
-        self._sync_parameters()
-
     # -- setup --------------------------------------------------------------------------
-
-    def _trainable_parameters(self) -> list[torch.Tensor]:
-        return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
 
     def _build(self, params: list[torch.Tensor]) -> None:
         """Allocate every buffer for the joint vector of ``params`` (history emptied).
@@ -248,11 +214,6 @@ class AndersonAcceleration(OptimizerWrapper):
         # steps that store nothing. Grow once.
         self._pool.append(torch.zeros_like(self._pool[0]))
         return self._pool[-1]
-
-    @property
-    def _dr_weight(self) -> float:
-        """The weight c of dR in X = dW + c dR (see aadl.history)."""
-        return self.settings.relaxation if self.settings.mixing == "walker_ni" else 1.0
 
     # -- one step ----------------------------------------------------------------------
 
@@ -481,17 +442,6 @@ class AndersonAcceleration(OptimizerWrapper):
             return out
         return torch.sub(a, b, out=out)
 
-    def _mean_over_ranks(self, *losses: Any) -> list[float]:
-        if self._layout.world_size == 1:
-            return [float(loss) for loss in losses]
-        values = torch.tensor(
-            [float(loss) for loss in losses], dtype=torch.float64, device=self._layout.device
-        )
-        if self._layout.world_size > 1:
-            self._layout.sum_over_ranks(values)
-            values /= self._layout.world_size
-        return values.tolist()
-
     # -- checkpointing -----------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
@@ -505,6 +455,7 @@ class AndersonAcceleration(OptimizerWrapper):
                 "format": STATE_FORMAT,
                 "settings": self.settings.as_dict(),
                 "layout": self._layout.describe(),
+                "shapes": self.parameter_shapes(),
                 "dtype": str(self._whole.dtype),
                 "base_optimizer": base_optimizer_name(self.optimizer),
                 "stats": self.stats.as_dict(),
@@ -520,25 +471,9 @@ class AndersonAcceleration(OptimizerWrapper):
         anything is changed, so a bad checkpoint leaves this optimizer as it was: its
         format, every key (``aadl.checkpoint``), the settings whose state cannot be carried
         over (history, averaging and its window, the base optimizer's class, the dtype),
-        the row layout and the sizes."""
-        if not isinstance(state_dict, dict) or set(state_dict) != {"base", "anderson"}:
-            got = f"; got keys {sorted(map(str, state_dict))}" if isinstance(state_dict, dict) else ""
-            raise ValueError(
-                "AndersonAcceleration.load_state_dict expects a dict with keys 'base' and "
-                "'anderson' (from AndersonAcceleration.state_dict()); to load a plain "
-                f"optimizer's state use .optimizer.load_state_dict(){got}"
-            )
-        saved = state_dict["anderson"]
-        unreadable = format_error(saved) if isinstance(saved, dict) else None
-        if unreadable:
-            raise ValueError(unreadable)
-        saved_variant = variant_of(saved.get("settings"))
-        if saved_variant != self.settings.variant:
-            raise ValueError(
-                f"AndersonAcceleration.load_state_dict: the checkpoint was saved with "
-                f"variant={saved_variant!r}, this optimizer has variant={self.settings.variant!r}"
-            )
-        stats_fields = tuple(f.name for f in dataclasses.fields(AccelerationStats))
+        the row layout, every parameter's shape and the sizes."""
+        saved = self._saved_part(state_dict)
+        stats_fields = STATS_FIELDS
         missing = missing_keys(state_dict, stats_fields)
         if missing:
             raise ValueError(
@@ -560,6 +495,7 @@ class AndersonAcceleration(OptimizerWrapper):
         layout_error = layout_mismatch(self._layout.describe(), saved["layout"])
         if layout_error:
             raise ValueError(layout_error)
+        self._check_shapes(saved)
         length = self._pool[0].numel()
         stored = saved["stored"]
         if stored is not None and any(tuple(stored[key].shape) != (length,) for key in ("u", "r")):
@@ -596,12 +532,3 @@ class AndersonAcceleration(OptimizerWrapper):
                 self._stored[0].add_(self._stored[1], alpha=self._dr_weight - old_weight)
         self.stats = AccelerationStats(**{name: saved["stats"][name] for name in stats_fields})
         self._warned_no_closure = bool(saved.get("warned_no_closure", False))
-
-    def __repr__(self) -> str:
-        settings = ", ".join(f"{k}={v!r}" for k, v in self.settings.as_dict().items())
-        layout = self._layout
-        where = f", ranks={layout.world_size}" if layout.world_size > 1 else ""
-        return (
-            f"AndersonAcceleration({type(self.optimizer).__name__}, n={layout.n}{where}, "
-            f"{settings})"
-        )

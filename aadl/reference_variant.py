@@ -24,8 +24,10 @@ code", has each difference and the reason the contract differs). One call of ``s
 The ring holds vectors, not difference columns, because an accepted w_AA replaces the newest
 vector and so rewrites the newest difference; the columns are formed at each acceleration
 (O(m n) to form, O(m^2 n) for the Gram route's products), which the contract's
-incremental history avoids. This module is a subclass so that the contract's step stays
-as it is; ``AndersonAcceleration(..., variant="reference_code")`` constructs it.
+incremental history avoids. The class is the contract wrapper's sibling under
+``aadl.base.AccelerationBase`` (which holds the constructor's checks, the shared groups and
+the first checks of a checkpoint); ``AndersonAcceleration(..., variant="reference_code")``
+returns one.
 """
 
 from __future__ import annotations
@@ -40,13 +42,13 @@ import numpy as np
 import torch
 
 from . import kernels
-from .checkpoint import STATE_FORMAT, base_optimizer_name, format_error, incompatible_settings, layout_mismatch
+from .base import STATS_FIELDS, AccelerationBase, AccelerationStats
+from .checkpoint import STATE_FORMAT, base_optimizer_name, incompatible_settings, layout_mismatch
 from .closure import evaluate_loss
 from .distributed import RowLayout
 from .flat import ParameterVector
-from .hyperparameters import REFERENCE_CODE_THRESHOLD, AndersonSettings, variant_of
+from .hyperparameters import REFERENCE_CODE_THRESHOLD, AndersonSettings
 from .memory import device_capacity, format_bytes, is_allocation_failure
-from .optimizer import AccelerationStats, AndersonAcceleration
 from .solvers import LeastSquaresSolution, solve_normal_equations, solve_r_factor
 
 _ANDERSON_KEYS = (
@@ -140,7 +142,7 @@ class _Group:
     ids: tuple[int, ...] = ()  # the parameters' identities, for comparing partitions
 
 
-class ReferenceCodeAcceleration(AndersonAcceleration):
+class ReferenceCodeAcceleration(AccelerationBase):
     """``AndersonAcceleration(..., variant="reference_code")``; see the module docstring.
 
     Settings as in the contract, read the authors' way: ``history`` m (the code's
@@ -151,6 +153,20 @@ class ReferenceCodeAcceleration(AndersonAcceleration):
     ``average``, ``history_device``. Under torch.distributed every rank holds everything
     and the two safeguard losses are averaged over ranks, so that replicas cannot part.
     """
+
+    def __init__(self, optimizer, *, process_group=None, **settings: Any):
+        settings.setdefault("variant", "reference_code")
+        self._start(optimizer, settings)
+        self.process_group = process_group
+        self.stats = AccelerationStats()
+        self._build(self._trainable_parameters())
+        self._claim()
+
+    @staticmethod
+    def _unsupported(settings: AndersonSettings) -> str | None:
+        if settings.variant != "reference_code":
+            return f"variant={settings.variant!r}; ReferenceCodeAcceleration runs only 'reference_code'"
+        return None
 
     # -- setup --------------------------------------------------------------------------
 
@@ -331,6 +347,7 @@ class ReferenceCodeAcceleration(AndersonAcceleration):
                 "format": STATE_FORMAT,
                 "settings": self.settings.as_dict(),
                 "layout": self._layout.describe(),
+                "shapes": self.parameter_shapes(),
                 "dtype": str(self._whole.dtype),
                 "base_optimizer": base_optimizer_name(self.optimizer),
                 "stats": self.stats.as_dict(),
@@ -344,25 +361,10 @@ class ReferenceCodeAcceleration(AndersonAcceleration):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a state saved by :meth:`state_dict`; everything is checked first, so a
         refused checkpoint changes nothing. Binding: the variant, ``history``, ``average``,
-        the base optimizer's class, the dtype and the model's size; the rest may change."""
-        if not isinstance(state_dict, dict) or set(state_dict) != {"base", "anderson"}:
-            raise ValueError(
-                "AndersonAcceleration.load_state_dict expects a dict with keys 'base' and "
-                "'anderson' (from AndersonAcceleration.state_dict())"
-            )
-        saved = state_dict["anderson"]
-        if not isinstance(saved, dict):
-            raise ValueError("AndersonAcceleration.load_state_dict: 'anderson' is not a dict")
-        unreadable = format_error(saved)
-        if unreadable:
-            raise ValueError(unreadable)
-        if variant_of(saved.get("settings")) != "reference_code":
-            raise ValueError(
-                "AndersonAcceleration.load_state_dict: the checkpoint was saved with "
-                f"variant={variant_of(saved.get('settings'))!r}, this optimizer has "
-                "variant='reference_code'"
-            )
-        stats_fields = tuple(f.name for f in dataclasses.fields(AccelerationStats))
+        the base optimizer's class, the dtype, the model's size and every parameter's
+        shape; the rest may change."""
+        saved = self._saved_part(state_dict)
+        stats_fields = STATS_FIELDS
         missing = [f"anderson.{key}" for key in _ANDERSON_KEYS if key not in saved]
         missing += [f"anderson.stats.{key}" for key in stats_fields if key not in saved.get("stats", {})]
         for part in ("iterates", "average"):
@@ -393,6 +395,7 @@ class ReferenceCodeAcceleration(AndersonAcceleration):
         layout_error = layout_mismatch(self._layout.describe(), saved["layout"])
         if layout_error:
             raise ValueError(layout_error)
+        self._check_shapes(saved)
         buffer = self._stored.buffer
         stored = IterateRing(depth(self.settings), self._whole.n, buffer.dtype, buffer.device)
         stored.load_state_dict(saved["iterates"], "stored iterates")
