@@ -124,6 +124,41 @@ class PinnMLP(nn.Module):
         return f"activation={self.activation.name}"
 
 
+class StackedPinnMLP:
+    """S networks of one :class:`PinnMLP`'s architecture as one function of (S, N, in) points
+    -> (S, N, 1): lane s uses the weights ``tensors[name][s]`` (``name`` as in the network's
+    ``named_parameters``). Each hidden layer is one batched product over the lanes; the
+    output layer runs lane by lane, because its single-lane product is a matrix-vector one,
+    which no batched product reproduces (on the CPU kernels measured, the lanes' values and
+    parameter gradients are then bit for bit their single runs'). Reverse-mode input
+    derivatives work on it as on one network (:func:`reverse_derivatives`), so S seeds'
+    PINN losses are one pass."""
+
+    def __init__(self, mlp: PinnMLP, tensors: dict[str, Tensor]):
+        self.activation = mlp.activation
+        self.layers = [
+            (tensors[f"linears.{i}.weight"], tensors[f"linears.{i}.bias"]) for i in range(len(mlp.linears))
+        ]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        *hidden, (weight, bias) = self.layers
+        for w, b in hidden:
+            x = self.activation.function(torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2)))
+        lanes = zip(x.unbind(0), weight.unbind(0), bias.unbind(0), strict=True)
+        return torch.stack([nn.functional.linear(a, w, b) for a, w, b in lanes])
+
+
+def lanes_per_pass(points: Tensor, floats_per_point: int) -> int:
+    """How many lanes of a :class:`StackedPinnMLP` to take in one pass over ``points`` (S, N,
+    d), each point holding ``floats_per_point`` activations: on CPU as many as fit in
+    ``_CPU_BLOCK_FLOATS`` (at least one; larger stacks spill out of cache and ran slower per
+    lane than one lane at a time at the presets' 4,000 points), on a GPU all of them."""
+    lanes, n = points.shape[0], points.shape[1]
+    if points.device.type != "cpu":
+        return lanes
+    return max(1, min(lanes, _CPU_BLOCK_FLOATS // max(1, n * floats_per_point)))
+
+
 # --------------------------------------------------------------------------------------------
 # Input derivatives
 # --------------------------------------------------------------------------------------------
@@ -349,15 +384,17 @@ def reverse_derivatives(
 ) -> InputDerivatives:
     """Plain autograd: one reverse pass for the gradient (every directional derivative), then
     one reverse pass per Laplacian coordinate, none where the network has no curvature
-    (a :class:`PinnMLP` with ReLU, whose Laplacian is zero almost everywhere)."""
-    if isinstance(model, PinnMLP) and not model.activation.has_curvature:
+    (a :class:`PinnMLP` or :class:`StackedPinnMLP` with ReLU, whose Laplacian is zero almost
+    everywhere). ``x`` may carry leading lane dimensions (S, N, d) for a stacked model."""
+    activation = getattr(model, "activation", None)
+    if isinstance(activation, Activation) and not activation.has_curvature:
         laplacian_dims = ()
     if laplacian_dims:
         return loop_derivatives(model, x, directions, laplacian_dims)
     keep_graph = torch.is_grad_enabled()
     with torch.enable_grad():  # input derivatives need autograd even under no_grad
         x = x.detach().requires_grad_(True)
-        value = model(x)[:, 0]
+        value = model(x)[..., 0]
         (gradient,) = torch.autograd.grad(value.sum(), x, create_graph=keep_graph)
     derivatives = InputDerivatives(value, gradient @ directions.to(x.dtype), torch.zeros_like(value))
     if keep_graph:
@@ -368,18 +405,19 @@ def reverse_derivatives(
 def loop_derivatives(
     model: Callable[[Tensor], Tensor], x: Tensor, directions: Tensor, laplacian_dims: Sequence[int]
 ) -> InputDerivatives:
-    """Reference implementation: one reverse-mode pass per Laplacian coordinate."""
+    """Reference implementation: one reverse-mode pass per Laplacian coordinate (``x`` may
+    carry leading lane dimensions, as in :func:`reverse_derivatives`)."""
     keep_graph = torch.is_grad_enabled()
     with torch.enable_grad():  # input derivatives need autograd even under no_grad
         x = x.detach().requires_grad_(True)
-        value = model(x)[:, 0]
+        value = model(x)[..., 0]
         (gradient,) = torch.autograd.grad(value.sum(), x, create_graph=True)
         laplacian = torch.zeros_like(value)
         for i in laplacian_dims:
             (row,) = torch.autograd.grad(
-                gradient[:, i].sum(), x, create_graph=keep_graph, retain_graph=True
+                gradient[..., i].sum(), x, create_graph=keep_graph, retain_graph=True
             )
-            laplacian = laplacian + row[:, i]
+            laplacian = laplacian + row[..., i]
     derivatives = InputDerivatives(value, gradient @ directions.to(x.dtype), laplacian)
     if keep_graph:
         return derivatives

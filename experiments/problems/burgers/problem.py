@@ -38,9 +38,11 @@ from experiments.problems.burgers.pinn import (
     ACTIVATIONS,
     DERIVATIVE_METHODS,
     PinnMLP,
+    StackedPinnMLP,
     cheapest_method,
     input_derivatives,
     iteration_flops,
+    lanes_per_pass,
 )
 from experiments.problems.base import Problem
 
@@ -321,14 +323,27 @@ class BurgersProblem(Problem):
         return mse_u + mse_f
 
     def batched_loss(self, model: torch.nn.Module, tensors: dict[str, Tensor], batch: PinnBatch) -> Tensor:
-        """The (S,) losses of S stacked copies of the network (experiments/batching.py):
-        this loss, lane by lane, on views of the stacked parameters, so each lane computes
-        exactly what its single run does (a step here is large enough that batching its
-        matrix products gains nothing). The loss depends on the seed only through the batch,
-        so one problem serves every lane."""
+        """The (S,) losses of S stacked copies of the network (experiments/batching.py). In
+        reverse mode one pass over the stacked network (:class:`StackedPinnMLP`: each layer
+        one batched product over the lanes, each lane's derivatives, loss and gradient its
+        own); in forward mode this loss lane by lane on views of the stacked parameters (its
+        tangents make each product large already). The loss depends on the seed only through
+        the batch, so one problem serves every lane."""
         from experiments.batching import lane_by_lane_loss
 
-        return lane_by_lane_loss(self, model, tensors, batch)
+        if self.derivative_method != "reverse":
+            return lane_by_lane_loss(self, model, tensors, batch)
+        lanes = next(iter(tensors.values())).shape[0]
+        size = lanes_per_pass(batch.collocation_points, self.cfg.width * (self.cfg.depth + 1))
+        losses = []
+        for start in range(0, lanes, size):
+            part = slice(start, start + size)
+            mse_u, mse_f = self.loss_terms(
+                StackedPinnMLP(model, {name: tensor[part] for name, tensor in tensors.items()}),
+                PinnBatch(*(getattr(batch, f.name)[part] for f in fields(batch))),
+            )
+            losses.append(mse_u + mse_f)
+        return torch.cat(losses)
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         with torch.no_grad():
@@ -370,10 +385,13 @@ class BurgersProblem(Problem):
     # -- the loss -------------------------------------------------------------------------------
 
     def loss_terms(self, model: torch.nn.Module, batch: PinnBatch) -> tuple[Tensor, Tensor]:
-        """(MSE_u, MSE_f) of the paper's Eqs. 20-21."""
-        data_misfit = model(batch.data_points)[:, 0] - batch.data_values
+        """(MSE_u, MSE_f) of the paper's Eqs. 20-21; for a stacked model and batch (lanes
+        first), each lane's."""
+        data_misfit = model(batch.data_points)[..., 0] - batch.data_values
         residual = self.pde_operator(model, batch.collocation_points) - batch.forcing
-        return data_misfit.square().mean(), residual.square().mean()
+        if data_misfit.ndim == 1:
+            return data_misfit.square().mean(), residual.square().mean()
+        return data_misfit.square().mean(-1), residual.square().mean(-1)
 
     def pde_operator(self, model, points: Tensor) -> Tensor:
         """u_t + u * sum_i u_{x_i} - nu * sum_i u_{x_i x_i} of ``model`` at ``points``.
@@ -388,9 +406,9 @@ class BurgersProblem(Problem):
             range(self.spatial_dims),
             # auto is resolved for this problem's PinnMLP; other models (an exact solution in
             # the tests) keep input_derivatives' own choice
-            self.derivative_method if isinstance(model, PinnMLP) else self.cfg.derivatives,
+            self.derivative_method if isinstance(model, (PinnMLP, StackedPinnMLP)) else self.cfg.derivatives,
         )
-        advection, u_t = derivatives.directional.unbind(dim=1)
+        advection, u_t = derivatives.directional.unbind(dim=-1)
         return u_t + derivatives.value * advection - self.cfg.nu * derivatives.laplacian
 
     # -- data -------------------------------------------------------------------------------------
