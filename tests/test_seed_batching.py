@@ -394,3 +394,48 @@ def test_thread_defaults_follow_the_process_count_and_the_experiment(compose):
     assert torch_threads(burgers.config, False, Ranks(world_size=2, threads=8), burgers.problem_class) == 8  # a rank's share
     pinned = validate(compose("experiment=burgers2d", "train.threads=3"))
     assert torch_threads(pinned.config, True, Ranks(world_size=2, threads=8), burgers.problem_class) == 3
+
+# -- stacked PINN lanes ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("experiment", "activation"), [("burgers2d", "relu"), ("burgers2d", "tanh"), ("burgers100d", "relu")])
+def test_pinn_lanes_are_one_stacked_pass_each_equal_to_its_single_run(experiment, activation):
+    """In reverse mode the S seeds' PINN losses are one pass over the stacked network (each
+    hidden layer one batched product with the lanes as its batch); each lane's loss and
+    parameter gradient equal its single run's (bit for bit on the kernels measured; held to
+    the seed-batching tolerance here), under torch.no_grad() too (the safeguard)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from experiments.batching import SeedStack, stack_batches
+
+    problem_class = PROBLEMS.get(experiment)
+    small = {"n_collocation": 120, "n_boundary": 40, "activation": activation}
+    problems = [problem_class(problem_class.Config(**small), data_root=Path("."), seed=s, device=torch.device("cpu")) for s in SEEDS]
+    assert problems[0].derivative_method == "reverse"
+    models = []
+    for seed, problem in zip(SEEDS, problems):
+        torch.manual_seed(seed)
+        models.append(problem.build_model())
+    stack = SeedStack(models)
+    batch = stack_batches([p.batches(1)[0] for p in problems])
+
+    class BatchedProducts(TorchDispatchMode):
+        lanes: list[int] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func._overloadpacket in (torch.ops.aten.bmm, torch.ops.aten.baddbmm):
+                self.lanes.append(args[1].shape[0] if func._overloadpacket is torch.ops.aten.baddbmm else args[0].shape[0])
+            return func(*args, **(kwargs or {}))
+
+    with BatchedProducts() as products:
+        losses = problems[0].batched_loss(models[0], stack.tensors(), batch)
+    assert products.lanes and set(products.lanes) == {len(SEEDS)}
+    gradients = torch.autograd.grad(losses.sum(), list(stack.parameters()))
+    with torch.no_grad():
+        quiet = problems[0].batched_loss(models[0], stack.tensors(), batch)
+    for lane, (problem, model) in enumerate(zip(problems, models)):
+        single = problem.loss(model, problem.batches(1)[0])
+        torch.testing.assert_close(losses[lane], single, rtol=1e-6, atol=0)
+        torch.testing.assert_close(quiet[lane], single.detach(), rtol=1e-6, atol=0)
+        for stacked, own in zip(gradients, torch.autograd.grad(single, list(model.parameters())), strict=True):
+            torch.testing.assert_close(stacked[lane], own, rtol=1e-5, atol=1e-7)
