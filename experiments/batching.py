@@ -43,8 +43,11 @@ from experiments.optimizers import build_base_optimizer
 from experiments.step import StepContext
 
 #: The methods that can step S seeds as one (method.name -> how its optimizer is built):
-#: the base optimizer alone, and AADL through aadl.BatchedAndersonAcceleration.
-BATCHED_METHODS = ("none", "aadl")
+#: the base optimizer alone, and AADL (and its averaging-only control, ma) through
+#: aadl.BatchedAndersonAcceleration.
+BATCHED_METHODS = ("none", "aadl", "ma")
+#: The methods whose optimizer is aadl.BatchedAndersonAcceleration with their settings.
+ANDERSON_METHODS = ("aadl", "ma")
 
 
 def check_batchable(run: Any, problem_cls: type, problem_config: Any, method: Any) -> None:
@@ -65,13 +68,13 @@ def check_batchable(run: Any, problem_cls: type, problem_config: Any, method: An
         raise ConfigError(refused_key, f"{why}; or {advice}, got {getattr(problem_config, refused_key.split('.')[-1], None)!r}")
     if method.name not in BATCHED_METHODS:
         raise ConfigError(key, f"method.name={method.name} cannot train seeds batched (batched methods: {', '.join(BATCHED_METHODS)}); {advice}, got {value!r}")
-    if method.name == "aadl":
+    if method.name in ANDERSON_METHODS:
         settings = method.settings
         variant = getattr(settings, "variant", "contract")
         if variant != "contract":
-            raise ConfigError("method.aadl.variant", f"only variant=contract trains seeds batched; {advice}, got {variant!r}")
+            raise ConfigError(f"method.{method.name}.variant", f"only variant=contract trains seeds batched; {advice}, got {variant!r}")
         if settings.distributed != "replicated":
-            raise ConfigError("method.aadl.distributed", f"only distributed=replicated trains seeds batched; {advice}, got {settings.distributed!r}")
+            raise ConfigError(f"method.{method.name}.distributed", f"only distributed=replicated trains seeds batched; {advice}, got {settings.distributed!r}")
     if train.precision != "fp32":
         raise ConfigError("train.precision", f"seed-batched runs train in fp32 only; {advice} for {train.precision}, got {train.precision!r}")
     if not getattr(run.optimizer, "decay_norm_and_bias", True):
@@ -334,7 +337,7 @@ def build_group(problems: Sequence[Any], runs: Sequence[Any]) -> tuple[SeedGroup
     stack = SeedStack(models)
     cfg, method = runs[0].config, runs[0].method
     base = build_base_optimizer(stack.parameters(), cfg.optimizer)
-    if method.name == "aadl":
+    if method.name in ANDERSON_METHODS:
         from aadl.batched import BatchedAndersonAcceleration
 
         optimizer = BatchedAndersonAcceleration(base, seeds=len(models), **method.settings.as_dict())

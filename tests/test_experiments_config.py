@@ -54,17 +54,20 @@ def test_every_experiment_composes_and_validates(compose, experiment, accel, dat
 def test_every_paper_preset_composes_and_validates(compose, preset, data_for):
     cfg = compose(f"+paper={preset}", return_hydra_config=True)
     params = cfg.hydra.sweeper.params
-    if "method" in params:  # a figure's three variants; a one-method study (p_sweep) sets it in its defaults
-        assert set(params["method"].split(",")) == {"none", "aadl", "aadl_ma"}
+    # A figure's variants and the averaging-only control, or the authors' algorithm's (a
+    # <preset>_reference companion); a one-method study (p_sweep) sets it in its defaults.
+    methods = {"aadl_ma_ref", "aadl_ref", "ma_ref"} if preset.endswith("_reference") else {"none", "aadl", "aadl_ma", "ma"}
+    if "method" in params:
+        assert set(params["method"].split(",")) == methods
     assert "seed" in params
-    for method in ("none", "aadl", "aadl_ma"):
-        validate(compose(f"+paper={preset}", f"method={method}", *data_for(cfg.experiment)))
+    for method in sorted(methods) if "method" in params else [None]:
+        validate(compose(f"+paper={preset}", *([f"method={method}"] if method else []), *data_for(cfg.experiment)))
 
 
 def test_fig1_preset_sweeps_three_variants_over_seeds_0_to_19_in_parallel(compose):
     cfg = compose("+paper=fig1", return_hydra_config=True)
     params = cfg.hydra.sweeper.params
-    assert sorted(params["method"].split(",")) == ["aadl", "aadl_ma", "none"] and params["seed"] == "range(0,20)"
+    assert sorted(params["method"].split(",")) == ["aadl", "aadl_ma", "ma", "none"] and params["seed"] == "range(0,20)"
     assert cfg.hydra.launcher._target_.endswith("JoblibLauncher")
     assert cfg.hydra.launcher.n_jobs == -1  # one process per core
     assert cfg.output.name == "fig1" and cfg.experiment == "graduate_admissions"
@@ -174,7 +177,7 @@ def test_burgers_presets_carry_the_papers_settings(compose, preset, experiment, 
     """The settings table of ../shared/spec/aadl-algorithm.md, three variants x seeds 0-19."""
     cfg = compose(f"+paper={preset}", return_hydra_config=True)
     params = cfg.hydra.sweeper.params
-    assert sorted(params["method"].split(",")) == ["aadl", "aadl_ma", "none"] and params["seed"] == "range(0,20)"
+    assert sorted(params["method"].split(",")) == ["aadl", "aadl_ma", "ma", "none"] and params["seed"] == "range(0,20)"
     assert cfg.output.name == preset
     for method in ("none", "aadl", "aadl_ma"):
         run = validate(compose(f"+paper={preset}", f"method={method}"))
@@ -194,7 +197,7 @@ def test_burgers_presets_carry_the_papers_settings(compose, preset, experiment, 
 
 def test_preset_sweep_lists_what_a_preset_runs():
     sweep = preset_sweep("fig2")
-    assert sweep["method"] == ["aadl_ma", "aadl", "none"] and sweep["seed"] == [str(s) for s in range(20)]
+    assert sweep["method"] == ["aadl_ma", "aadl", "ma", "none"] and sweep["seed"] == [str(s) for s in range(20)]
 
 
 @pytest.mark.parametrize("override", ["problem.width=0", "problem.activation=gelu", "problem.resample_every=-1"])

@@ -18,6 +18,7 @@ METHODS = Registry(
         "aadl": "experiments.methods.aadl:AADL",
         "bsgd": "experiments.methods.bsgd:BSGD",
         "extrap_sgd": "experiments.methods.extrap_sgd:ExtrapSGD",
+        "ma": "experiments.methods.ma:MovingAverageOnly",
     },
 )
 
