@@ -11,14 +11,23 @@ directory and swaps it in once complete), checks the machine (output writable, f
 the requested device, the method's memory), then writes a self-describing run directory
 (experiments/results.py). A multirun validates every job before the first one starts; its
 jobs go to the configured launcher (``hydra/launcher=local``: one process per core, each
-with one torch thread and no progress bar). SIGTERM or SIGINT stops a run between two
-steps, saves a checkpoint, records the run as preempted and exits with status 75
-(PREEMPTED_EXIT, for batch scripts to requeue on); rerunning the same command resumes it
-from its newest checkpoint (``checkpoint.every`` adds periodic ones, which a kill -9 needs).
-Stopping a sweep stops its workers too.
+with one torch thread and no progress bar). SIGTERM, SIGUSR1, SIGUSR2 or SIGINT (recorded
+from the process's first instant: experiments/stopping.py) stops a run between two steps,
+saves a checkpoint, records the run as preempted and exits with status 75 (PREEMPTED_EXIT,
+for batch scripts to requeue on); rerunning the same command resumes it from its newest
+checkpoint (``checkpoint.every`` adds periodic ones, which a kill -9 needs). A signal to a
+sweep, or to any one of its workers, stops every running job so, and the sweep exits 75.
 """
 
 from __future__ import annotations
+
+if __name__ == "__main__":
+    # python -m experiments.run: stop signals are recorded before the heavy imports below,
+    # and the module runs under its own name (a class defined in __main__ would be a second
+    # copy that never catches the one the other modules raise).
+    from experiments.stopping import command_line
+
+    raise SystemExit(command_line(lambda: __import__("experiments.run", fromlist=["main"]).main()))
 
 import errno
 import logging
@@ -39,6 +48,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from experiments.compose import CONFIG_DIR, CONFIG_NAME, expand_sweep, sweep_overrides
 from experiments.errors import ConfigError, DatasetError, HarnessError, RunError
+from experiments import stopping
+# The signals that stop a run, its exit status when they did, and its exception (one class
+# for every module: experiments/stopping.py).
+from experiments.stopping import PREEMPTED_EXIT, STOP_SIGNALS, RunPreempted
 from experiments.results import (
     FINAL_MODEL_FILE,
     METRICS_FILE,
@@ -68,10 +81,6 @@ for _logger in (log, progress_log):
 LOG_LINES = 10
 #: A run does not start with less free space than this where it writes.
 MIN_FREE_BYTES = 64 * 2**20
-#: The signals that stop a run between two steps (SIGUSR1: Slurm's --signal, LSF's -wa).
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-#: The exit status of a run stopped by a signal after saving its checkpoint (EX_TEMPFAIL).
-PREEMPTED_EXIT = 75
 
 
 def interactive_terminal() -> bool:
@@ -84,19 +93,6 @@ class RunOutcome:
     path: Path
     # "completed", "diverged", "skipped" (already finished) or "busy" (another process runs it)
     status: str
-
-
-class RunPreempted(HarnessError):
-    """A run stopped by a signal after saving a checkpoint; rerunning resumes it."""
-
-    def __init__(self, path: str, signal_name: str, step: int):
-        self.path, self.signal_name, self.step = path, signal_name, step
-        super().__init__(
-            f"preempted by {signal_name}: {path} (checkpoint at step {step}; rerun the same command to resume)"
-        )
-
-    def __reduce__(self):
-        return (type(self), (self.path, self.signal_name, self.step))
 
 
 @dataclass(frozen=True)
@@ -291,8 +287,18 @@ def check_device(device: Any, requested: str) -> None:
 
 @contextmanager
 def stop_on_signals() -> Iterator[Any]:
-    """While the block runs, SIGTERM and SIGINT only set a flag; the returned callable
-    gives the signal's name once one arrived (the loop stops between two steps)."""
+    """While the block runs, a stop signal (STOP_SIGNALS) only sets a flag; the returned
+    callable gives the signal's name once one arrived (the loop stops between two steps).
+    In a process that records its signals from the start (the command line, a sweep's
+    worker), that record is the flag: a signal that came while Python started counts."""
+    if stopping.recording():
+        yield stopping.arrived
+        return
+    arrived: list[str] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        arrived.append(signal.Signals(signum).name)
+
     arrived: list[str] = []
 
     def handler(signum: int, frame: Any) -> None:
@@ -462,12 +468,16 @@ def _record_end(directory: RunDirectory, meta: dict[str, Any], status: str, **fi
 
 class ValidateSweep(Callback):
     """Hydra callback: before a multirun launches anything, compose and validate every job
-    (a bad value in any job stops the sweep, naming the job and the key), and make SIGTERM
-    and SIGINT stop the worker processes too."""
+    (a bad value in any job stops the sweep, naming the job and the key), and make a stop
+    signal stop the sweep: every running job checkpoints, the parent exits 75."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from experiments.seed_groups import group_sweep, seed_groups
 
+        _refuse_sweep_on_ranks()
+        if stopping.arrived():
+            print(f"sweep stopped by {stopping.arrived()} before it started: nothing was run; rerun the same command", file=sys.stderr)
+            sys.exit(PREEMPTED_EXIT)
         overrides = list(config.hydra.overrides.task)
         jobs = sweep_overrides(overrides)
         runs = []
@@ -494,7 +504,27 @@ class ValidateSweep(Callback):
                 f"{runs[0].config.train.batch_seeds} per process: {processes} job(s)",
                 file=sys.stderr,
             )
-        _stop_workers_with_parent()
+        _stop_workers_with_parent(config)
+
+
+def _refuse_sweep_on_ranks() -> None:
+    """A multirun started by a launcher of several ranks would run one whole copy of the
+    sweep per rank (each a world of one): refuse it in one line."""
+    from experiments.world import world_info_from_env
+
+    try:
+        info = world_info_from_env()
+    except WorldError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    if info.world_size > 1:
+        print(
+            f"error: a multirun (-m) cannot run on {info.world_size} ranks ({info.launcher}, rank {info.rank}): "
+            "each rank would run its own copy of the whole sweep; start the sweep without the launcher, "
+            "or launch one run (no -m) per torchrun/srun/mpirun",
+            file=sys.stderr,
+        )
+        sys.exit(2)
 
 
 def _validate_job(job: list[str], validated: dict[tuple[str, ...], ValidatedRun]) -> ValidatedRun:
@@ -516,9 +546,15 @@ def _validate_job(job: list[str], validated: dict[tuple[str, ...], ValidatedRun]
     return member_run(first, int(seeds[0]))
 
 
-def _stop_workers_with_parent() -> None:
-    """SIGTERM/SIGINT to the sweep's process: pass SIGTERM to every worker (each records
-    its run as preempted and says so in one line), wait for them, then exit."""
+def _stop_workers_with_parent(config: DictConfig) -> None:
+    """A stop signal to the sweep's process. Workers on this machine (joblib): each running
+    job gets SIGTERM, checkpoints and records its run as preempted, jobs not started are
+    left, and the parent exits 75 once the launcher returns (experiments/stopping.py).
+    Jobs elsewhere (submitit): the parent stops waiting for them and exits 128+signal."""
+    launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
+    if "joblib" in launcher:
+        stopping.start_sweep(Path(str(config.hydra.sweep.dir)) / ".aadl-stop")
+        return
     import psutil
 
     def handler(signum: int, frame: Any) -> None:
@@ -529,23 +565,12 @@ def _stop_workers_with_parent() -> None:
                 child.send_signal(signal.SIGTERM)
             except psutil.Error:
                 pass
-        # Resource trackers ignore SIGTERM and end with the parent: wait for the workers.
-        workers = [child for child in children if "resource_tracker" not in " ".join(_cmdline(child))]
-        psutil.wait_procs(workers, timeout=60)
-        print(f"sweep stopped by {name}: its workers were stopped; rerun the same command to finish it", file=sys.stderr)
+        psutil.wait_procs(children, timeout=10)
+        print(f"sweep stopped by {name}: this process stopped waiting; jobs already submitted go on", file=sys.stderr)
         os._exit(128 + signum)
 
     for sig in STOP_SIGNALS:
         signal.signal(sig, handler)
-
-
-def _cmdline(process: Any) -> list[str]:
-    import psutil
-
-    try:
-        return process.cmdline()
-    except psutil.Error:
-        return []
 
 
 def start_ranks(requested_device: str) -> tuple[Ranks, Any]:
@@ -567,6 +592,18 @@ def start_ranks(requested_device: str) -> tuple[Ranks, Any]:
 @hydra.main(config_path=str(CONFIG_DIR), config_name=CONFIG_NAME, version_base="1.3")
 def main(cfg: DictConfig) -> None:
     worker = HydraConfig.get().mode == RunMode.MULTIRUN
+    if worker:
+        try:
+            stopping.record_signals()  # a worker outlives its job: a signal between two jobs is kept
+        except ValueError:  # not the main thread: the launcher's handlers stay in charge
+            pass
+        stopped = stopping.sweep_stopping()
+        if stopped:
+            print(f"not started (the sweep is stopping on {stopped}): {' '.join(HydraConfig.get().overrides.task)}", file=sys.stderr, flush=True)
+            return
+    elif stopping.arrived():
+        print(f"preempted by {stopping.arrived()} before the run started: nothing was written; rerun the same command", file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT)
     context = None
     try:
         ranks, context = (Ranks(), None) if worker else start_ranks(str(cfg.train.device))
@@ -576,8 +613,14 @@ def main(cfg: DictConfig) -> None:
         execute(cfg, worker=worker, ranks=ranks)
     except RunPreempted as stopped:
         print(f"{stopped}", file=sys.stderr, flush=True)
+        if worker and stopping.in_sweep_worker():
+            # The parent stops the other jobs and exits 75 once each has checkpointed; a
+            # worker that exited here would break the pool and lose their checkpoints.
+            if not stopping.sweep_stopping_file():
+                stopping.notify_sweep(stopped.signal_name)
+            return
         if worker:
-            os._exit(PREEMPTED_EXIT)  # a pool worker would otherwise outlive its sweep
+            os._exit(PREEMPTED_EXIT)  # a submitit job: its status is the job's
         sys.exit(PREEMPTED_EXIT)
     except (HarnessError, WorldError) as error:
         if worker:
@@ -587,6 +630,3 @@ def main(cfg: DictConfig) -> None:
         if context is not None:
             context.close()
 
-
-if __name__ == "__main__":
-    main()

@@ -282,7 +282,7 @@ def test_sigterm_to_a_sweep_stops_its_workers_and_marks_their_runs_preempted(dat
     workers = psutil.Process(process.pid).children(recursive=True)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=90)
-    assert process.returncode == 128 + signal.SIGTERM
+    assert process.returncode == PREEMPTED_EXIT, stderr[-3000:]
     gone, alive = psutil.wait_procs(workers, timeout=30)
     assert not alive, f"orphaned workers: {alive}"
     runs = sorted((tmp_path / "runs").rglob("seed=*"))

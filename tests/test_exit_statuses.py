@@ -1,0 +1,210 @@
+"""Preempted means exit status 75 for every way a run is started (experiments/stopping.py):
+a signal while Python starts, a seed group, a batched multirun worker, one signalled
+worker of a sweep, torchrun through python -m experiments.torchrun (and its ranks ending
+when the agent is killed), and a multirun under several ranks refused in one line. Real
+processes: python -m experiments.run, Hydra's joblib workers, torchrun with gloo."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import REPO_ROOT, lines_of
+from experiments.stopping import PREEMPTED_EXIT
+from experiments.torchrun import job_status
+
+ENV = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "CI": "1"}
+LONG = ("train.epochs=100000",)
+
+
+def _start(*arguments: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", *arguments], cwd=REPO_ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _catches(pid: int, sig: int) -> bool:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    except OSError:
+        pass
+    return False
+
+
+def _wait_for_runs(root: Path, count: int, timeout: float = 90) -> list[Path]:
+    """The ``count`` metrics.csv files under ``root`` once each has rows."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        files = sorted(root.rglob("metrics.csv")) if root.exists() else []
+        if len(files) >= count and all(lines_of(f) >= 3 for f in files[:count]):
+            return files
+        time.sleep(0.1)
+    raise AssertionError(f"no {count} run(s) with rows under {root}")
+
+
+def _status(run: Path) -> str:
+    return json.loads((run / "meta.json").read_text())["status"]
+
+
+@pytest.fixture
+def end_all():
+    """Kills whatever a test started and left running (its processes, by id)."""
+    started: list[psutil.Process] = []
+    yield started.append
+    for process in started:
+        try:
+            family = [process, *process.children(recursive=True)]
+        except psutil.Error:
+            continue
+        for member in family:
+            try:
+                member.kill()
+            except psutil.Error:
+                pass
+
+
+def test_a_signal_while_python_starts_ends_as_a_preemption_with_nothing_written(data_root, tmp_path):
+    runs = tmp_path / "runs"
+    process = _start("experiments.run", *LONG, f"output.root={runs}", f"hydra.run.dir={tmp_path / 'h'}")
+    deadline = time.monotonic() + 30
+    while not _catches(process.pid, signal.SIGUSR1) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert not runs.exists(), "the handler came only once the run had started"
+    process.send_signal(signal.SIGUSR1)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == PREEMPTED_EXIT, stderr[-3000:]
+    assert "preempted by SIGUSR1 before the run started" in stderr and "Traceback" not in stderr
+    assert not runs.exists()
+
+
+def test_a_preempted_seed_group_exits_75_and_records_every_seed(data_root, tmp_path):
+    runs = tmp_path / "runs"
+    process = _start("experiments.run", "train.seed_group=[0,1]", *LONG, f"output.root={runs}", f"hydra.run.dir={tmp_path / 'h'}")
+    _wait_for_runs(runs, 2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == PREEMPTED_EXIT, stderr[-3000:]
+    assert "Traceback" not in stderr and "preempted by SIGTERM" in stderr
+    members = sorted(runs.rglob("seed=*"))
+    assert [m.name for m in members] == ["seed=0", "seed=1"]
+    assert all(_status(m) == "preempted" for m in members)
+    assert list(runs.rglob(".seed-groups/*/checkpoints/step-*.pt"))
+
+
+def _worker_running_a_job(parent: subprocess.Popen) -> list[psutil.Process]:
+    return [c for c in psutil.Process(parent.pid).children(recursive=True) if _catches(c.pid, signal.SIGUSR1)]
+
+
+@pytest.mark.parametrize(
+    "sweep, runs_expected",
+    [(("method=aadl_ma", "seed=0,1"), 2), (("seed=0,1", "train.batch_seeds=2"), 2)],
+    ids=["one-run-per-worker", "seed-group-worker"],
+)
+def test_usr1_to_one_worker_stops_the_sweep_every_run_checkpoints_and_the_sweep_exits_75(data_root, tmp_path, sweep, runs_expected, end_all):
+    runs = tmp_path / "runs"
+    process = _start("experiments.run", "-m", *sweep, *LONG, f"output.root={runs}", f"hydra.sweep.dir={tmp_path / 'h'}")
+    end_all(psutil.Process(process.pid))
+    _wait_for_runs(runs, runs_expected)
+    workers = _worker_running_a_job(process)
+    assert workers
+    everyone = psutil.Process(process.pid).children(recursive=True)
+    workers[0].send_signal(signal.SIGUSR1)  # a scheduler that signals one process of the job
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == PREEMPTED_EXIT, stderr[-3000:]
+    assert "Traceback" not in stderr and "TerminatedWorkerError" not in stderr, stderr[-3000:]
+    assert "sweep stopped by SIGUSR1" in stderr
+    members = sorted(runs.rglob("seed=*"))
+    assert len(members) == runs_expected
+    for member in members:
+        assert _status(member) == "preempted", member
+    checkpoints = list(runs.rglob("step-*.pt"))
+    assert checkpoints and (len(checkpoints) >= runs_expected or ".seed-groups" in str(checkpoints[0]))
+    _, alive = psutil.wait_procs(everyone, timeout=30)
+    assert not alive, f"workers outlived the sweep: {alive}"
+
+
+def test_a_multirun_under_several_ranks_is_refused_in_one_line(data_root, tmp_path):
+    env = {**ENV, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "experiments.run", "-m", "seed=0,1", "train.epochs=1", f"output.root={tmp_path / 'runs'}",
+         f"hydra.sweep.dir={tmp_path / 'h'}"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: a multirun (-m) cannot run on 2 ranks (torchrun, rank 0)"), done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "torchrun, ranks, expected",
+    [(0, [0, 0], 0), (1, [75, 75], 75), (-9, [75, 75], 75), (1, [75, None], 1), (1, [75, 1], 1), (1, [], 1), (-10, [], 138)],
+)
+def test_the_torchrun_wrapper_exits_75_only_when_every_rank_was_preempted(torchrun, ranks, expected):
+    assert job_status(torchrun, ranks) == expected
+
+
+# -- real torchrun ---------------------------------------------------------------------------
+
+TWO_RANKS = ("--standalone", "--nproc-per-node=2", "-m", "experiments.run", "problem.batch_size=200", "method=aadl_ma", *LONG)
+
+
+@pytest.mark.distributed
+def test_usr1_to_the_torchrun_wrapper_checkpoints_both_ranks_and_exits_75(data_root, tmp_path, end_all):
+    root = tmp_path / "runs"
+    process = _start("experiments.torchrun", *TWO_RANKS, f"output.root={root}", f"hydra.run.dir={root / 'h'}")
+    end_all(psutil.Process(process.pid))
+    (metrics,) = _wait_for_runs(root, 1, timeout=120)
+    process.send_signal(signal.SIGUSR1)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == PREEMPTED_EXIT, stderr[-3000:]
+    run = metrics.parent
+    assert _status(run) == "preempted"
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert any("rank0" in n for n in names) and any("rank1" in n for n in names), names
+
+
+@pytest.mark.distributed
+def test_kill_9_of_torchrun_alone_ends_its_ranks_as_preempted(data_root, tmp_path, end_all):
+    root = tmp_path / "runs"
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "torchrun"), *TWO_RANKS, f"output.root={root}", f"hydra.run.dir={root / 'h'}"],
+        cwd=REPO_ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    agent = psutil.Process(process.pid)
+    end_all(agent)
+    (metrics,) = _wait_for_runs(root, 1, timeout=120)
+    ranks = agent.children(recursive=True)
+    for rank in ranks:
+        end_all(rank)
+    agent.kill()
+    process.wait()
+    _, alive = psutil.wait_procs(ranks, timeout=60)
+    assert not alive, "the ranks trained on after their agent was killed"
+    run = metrics.parent
+    assert _status(run) == "preempted"
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert any("rank0" in n for n in names) and any("rank1" in n for n in names), names
+
+
+@pytest.mark.distributed
+def test_a_multirun_under_torchrun_is_refused_and_runs_nothing(data_root, tmp_path):
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node=2", "-m", "experiments.run", "-m",
+         "seed=0,1", "train.epochs=1", f"output.root={tmp_path / 'runs'}", f"hydra.sweep.dir={tmp_path / 'h'}"],
+        cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=180,
+    )
+    assert done.returncode != 0
+    assert "error: a multirun (-m) cannot run on 2 ranks (torchrun" in done.stderr, done.stderr[-3000:]
+    assert not (tmp_path / "runs").exists()
