@@ -6,12 +6,18 @@
 
 Reads the complete runs under ``--runs`` (default results/runs): the paper presets' run
 directories, the p sweep's, the large-batch study's, and any run of the seed methods
-(backward SGD, EXTRAP-SGD) wherever it is. Writes the report (Markdown: the verdict rule,
-a summary table, each claim with its rows, arms and figure, how often the moving average's
-criterion fires, time to target and cost per step for every configuration, and the runs
-read) and ``report_<claim>.png`` beside it. A claim whose runs are absent is "not run"
-with the command that makes them, so the command succeeds on an empty results tree.
-What is measured and the rule are in :mod:`experiments.analysis.claims`.
+(backward SGD, EXTRAP-SGD) wherever it is. Writes the report (Markdown: the runs' commits,
+dates and machines, the verdict rule with each claim's margin and its reason, the
+multiplicity adjustment, a summary with the contract's and the authors' algorithm's
+verdicts side by side, each claim with its rows, arms and figure, how often the moving
+average's criterion fires, time to target and cost per step for every configuration, and
+the runs read) and ``report_<claim>.png`` beside it.
+
+A wrong tree never overwrites a report or the README: a ``--runs`` that does not exist, or
+where no run matches any claim, is an error; so is a tree holding none of some claim's
+runs, unless ``--allow-missing`` (then those claims are "not run" with the command that
+makes them); ``--readme`` never turns a measured row of the README into "not run" unless
+``--allow-missing``. What is measured and the rule are in :mod:`experiments.analysis.claims`.
 """
 
 from __future__ import annotations
@@ -29,9 +35,10 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-from experiments.analysis import claims
-from experiments.analysis.claims import ClaimResult, Context, MeasureRow, Study
+from experiments.analysis import aggregate, claims
+from experiments.analysis.claims import ALGORITHM_NAMES, ClaimResult, Context, MeasureRow, Study
 from experiments.analysis.figures import DEFAULT_OUTPUT_ROOT, REPO_ROOT, STYLE
+from experiments.errors import RunError, check_writable_directory
 
 DEFAULT_REPORT = Path("results/report.md")
 README = REPO_ROOT / "README.md"
@@ -40,12 +47,15 @@ FIGURE_PREFIX = "report_"
 README_BEGIN = "<!-- claims-report:begin (python -m experiments.report --readme writes this block) -->"
 README_END = "<!-- claims-report:end -->"
 README_SECTION = "## What the reproduction shows"
+#: How a block made under an earlier verdict rule, not yet regenerated, begins (the next
+#: ``--readme`` replaces it with the current rule's).
+STALE_BLOCK = "**Made under an earlier verdict rule:**"
 
 VERDICT_COLOURS = {"reproduced": "tab:green", "not reproduced": "tab:red", "inconclusive": "tab:orange", claims.CONTEXT: "0.45"}
 
 
 class ReportError(Exception):
-    """The README's block markers are malformed (the message says how)."""
+    """The README's block markers are malformed, or the runs cannot make a report (the message says how)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -60,12 +70,17 @@ class Report:
         self.runs = Path(runs)
         context = Context(self.runs)
         self.claims: list[ClaimResult] = claims.evaluate_all(context)
+        self.family_size = context.family_size
         self.criterion: list[MeasureRow] = claims.criterion_rates(context)
         self.targets: list[MeasureRow] = claims.targets(context)
         self.studies: list[Study] = context.all_studies()
 
     def counts(self) -> Counter:
         return Counter(result.verdict for result in self.claims)
+
+    def not_run(self) -> list[ClaimResult]:
+        """The claims none of whose algorithms has runs."""
+        return [r for r in self.claims if all(v == "not run" for v, _ in r.verdicts.values())]
 
     def figures(self) -> dict[str, Figure]:
         """claim key -> its figure, for the claims with a measured effect."""
@@ -99,53 +114,100 @@ class Report:
         lines = [
             "# Claims report",
             "",
-            f"The seed paper's claims, measured on the complete runs under `{self.runs}` by "
-            "`python -m experiments.report` (this file is generated: rerun it after new runs; "
+            f"The seed paper's claims (and two of its neighbours'), measured on the complete runs under "
+            f"`{self.runs}` by `python -m experiments.report` (this file is generated: rerun it after new runs; "
             "`--readme` also rewrites the README's summary).",
             "",
-            "## Verdict rule",
-            "",
-            claims.RULE,
-            "",
-            f"Constants: at least {claims.MIN_SEEDS} seeds; \"like\" = a ratio in ({claims.LIKE_BAND[0]:g}, "
-            f"{claims.LIKE_BAND[1]:g}); \"an order of magnitude\" = a ratio above {claims.ORDER_OF_MAGNITUDE:g}; "
-            f"\"about 10x\" = a ratio in ({claims.ABOUT_TEN_TIMES[0]:g}, {claims.ABOUT_TEN_TIMES[1]:g}); "
-            f"recovering a gap = more than {claims.RECOVERY_MARGIN:g} of the base optimizer's gap. "
-            "Ratios compare final values of the last evaluation row (never an earlier, better one).",
-            "",
-            "## Summary",
-            "",
-            "| | claim | measured effect [95% CI] | seeds | verdict |",
-            "| --- | --- | --- | --- | --- |",
         ]
-        for result in self.claims:
-            lines.append(f"| {result.claim.section} | {result.claim.statement} | {_headline(result)} | "
-                         f"{_seeds(result)} | **{result.verdict}** |")
-        counts = self.counts()
-        lines += ["", ", ".join(f"{counts[v]} {v}" for v in claims.VERDICTS if counts[v]) + ".", "", "## Claims", ""]
-        for result in self.claims:
-            lines += self._claim_section(result, figures.get(result.claim.key))
+        lines += self._provenance_section()
+        lines += ["## Verdict rule", "", claims.RULE, ""]
+        lines += self._margins_section()
+        lines += [f"Multiplicity: this report judges {self.family_size} counted row{'s' if self.family_size != 1 else ''} "
+                  f"as one family (Holm, family-wise error {claims.ALPHA:g}); each row's level is in its table. "
+                  "Ratios compare final values of the last evaluation row (never an earlier, better one).", ""]
+        lines += self._summary_section()
+        for title, chosen in self._groups():
+            lines += [f"## {title}", ""]
+            for result in chosen:
+                lines += self._claim_section(result, figures.get(result.claim.key))
         lines += self._criterion_section() + self._targets_section() + self._runs_section()
         return "\n".join(lines).rstrip() + "\n"
 
+    def _groups(self) -> list[tuple[str, list[ClaimResult]]]:
+        """The claims by source: the seed paper's experiments, its attributions tested by a
+        control, its motivating arguments; then the neighbouring papers'."""
+        seed = [r for r in self.claims if r.claim.source == claims.SEED_PAPER]
+        groups = [
+            ("Claims of the seed paper: its experiments", [r for r in seed if r.claim.kind == "experiment"]),
+            ("Claims of the seed paper: attributions its figures do not test", [r for r in seed if r.claim.kind == "attribution"]),
+            ("Claims of the seed paper: motivating arguments", [r for r in seed if r.claim.kind == "motivating argument"]),
+            ("Claims of neighbouring papers", [r for r in self.claims if r.claim.source != claims.SEED_PAPER]),
+        ]
+        return [(title, chosen) for title, chosen in groups if chosen]
+
+    def _provenance_section(self) -> list[str]:
+        lines = ["## The runs this report rests on", ""]
+        finished = [study for study in self.studies if study.ran]
+        if not finished:
+            return lines + [f"No finished runs under `{self.runs}`.", ""]
+        lines += ["| directory | commits (runs) | dates | hosts (runs) | CPU kernels (runs) |", "| --- | --- | --- | --- | --- |"]
+        for study in finished:
+            seen = study.provenance()
+            lines.append(f"| `{study.path}` | " + " | ".join(", ".join(seen[k]) for k in ("commits", "dates", "hosts", "kernels")) + " |")
+        notes = []
+        provenance_notes = getattr(aggregate, "provenance_notes", None)
+        for study in finished:
+            if provenance_notes is not None:
+                notes += [f"`{study.path}`: {note}" for note in provenance_notes(study.results)]
+        lines += [""] + [f"- {note}" for note in notes]
+        return lines + ([""] if notes else [])
+
+    def _margins_section(self) -> list[str]:
+        lines = ["Each claim's smallest effect of interest (its margin) and why:", "",
+                 "| claim | claimed region | margin: why |", "| --- | --- | --- |"]
+        for result in self.claims:
+            claim = result.claim
+            lines.append(f"| {claim.section}: {claim.statement} | {claim.region} | {claim.margin} |")
+        return lines + [""]
+
+    def _summary_section(self) -> list[str]:
+        lines = ["## Summary", "",
+                 f"| | claim | measured effect [95% CI] | seeds | {ALGORITHM_NAMES['contract']} | {ALGORITHM_NAMES['reference_code']} |",
+                 "| --- | --- | --- | --- | --- | --- |"]
+        for result in self.claims:
+            contract, reference = (_verdict_cell(result, a) for a in ("contract", "reference_code")) if result.claim.reference_command \
+                else (_verdict_cell(result, ""), "-")
+            lines.append(f"| {result.claim.section} | {_statement(result)} | {_headline(result)} | {_seeds(result)} | "
+                         f"{contract} | {reference} |")
+        counts = self.counts()
+        lines += ["", ", ".join(f"{counts[v]} {v}" for v in claims.VERDICTS if counts[v]) + f" ({ALGORITHM_NAMES['contract']}).", ""]
+        return lines
+
     def _claim_section(self, result: ClaimResult, figure: str | None) -> list[str]:
         claim = result.claim
-        lines = [f"### {claim.section}: {claim.statement}", "",
-                 f"- **Verdict: {result.verdict}** ({result.reason}).",
-                 f"- Effect: {claim.measure}. Claimed: {claim.region}.",
-                 f"- Runs: {_code(result.source) if result.source else 'none'}; made by `{claim.command}`."]
+        lines = [f"### {claim.section}: {claim.statement}", ""]
+        if claim.kind != "experiment":
+            lines.append(f"- Kind: {claims.KINDS[claim.kind]}.")
+        if claim.source != claims.SEED_PAPER:
+            lines.append(f"- Source: {claim.source}.")
+        for algorithm in claim.algorithms:
+            decided, reason = result.verdicts.get(algorithm, (result.verdict, result.reason))
+            name = f" ({ALGORITHM_NAMES[algorithm]})" if algorithm else ""
+            lines.append(f"- **Verdict{name}: {decided}**{' (' + result.proxy + ')' if result.proxy and algorithm != 'reference_code' else ''} ({reason}).")
+        lines += [f"- Effect: {claim.measure}. Claimed: {claim.region}; margin: {claim.margin}.",
+                  f"- Runs: {_code(result.source) if result.source else 'none'}; made by `{claim.command}`"
+                  + (f" and `{claim.reference_command}`." if claim.reference_command else ".")]
         lines += [f"- Note: {note}" for note in result.notes]
         if result.rows:
-            lines += ["", "| comparison | effect [95% CI] | seeds | verdict | configurations (good, diverged runs) |",
-                      "| --- | --- | --- | --- | --- |"]
+            lines += ["", "| comparison | effect [95% CI] | level: interval | seeds | verdict | configurations (good, diverged runs) |",
+                      "| --- | --- | --- | --- | --- | --- |"]
             for row in result.rows:
                 effect = str(row.effect) if row.effect is not None else "n/a"
-                lines.append(f"| {row.comparison} | {effect} | {_row_seeds(row)} | {row.verdict} | "
+                lines.append(f"| {row.comparison} | {effect} | {_level(row)} | {_row_seeds(row)} | {row.verdict} | "
                              f"{'; '.join(map(str, row.arms))} |")
         if figure:
             lines += ["", f"![{claim.key}]({figure})"]
         return lines + [""]
-
     def _criterion_section(self) -> list[str]:
         lines = ["## How often the Eq. 16 criterion fires", "",
                  "Per configuration with the AADL counters (metrics.csv's cumulative `averages_applied`, "
@@ -180,14 +242,15 @@ class Report:
     # -- the README block ------------------------------------------------------------------------
 
     def readme_block(self, report_path: Path, readme: Path) -> str:
-        """The README's summary: one line per claim, and where the report is."""
+        """The README's summary: one line per claim, each algorithm's verdict, and where the report is."""
         try:
             link = os.path.relpath(report_path, readme.parent)
         except ValueError:  # another drive
             link = str(report_path)
         lines = [f"Generated from [the claims report]({link}) (`python -m experiments.report --readme`) on the runs "
-                 f"under `{self.runs}`; the report states the verdict rule and the measures.", "",
-                 "| claim | measured | verdict |", "| --- | --- | --- |"]
+                 f"under `{self.runs}`; the report states the verdict rule, each claim's margin and the runs' commits "
+                 "and machines.", "",
+                 f"| claim | measured | {ALGORITHM_NAMES['contract']} | {ALGORITHM_NAMES['reference_code']} |", "| --- | --- | --- | --- |"]
         for result in self.claims:
             headline = result.headline
             if result.verdict == "not run":
@@ -196,8 +259,39 @@ class Report:
                 measured = f"{headline.effect} ({_row_seeds(headline)})"
             else:
                 measured = "n/a"
-            lines.append(f"| {result.claim.section}: {result.claim.statement} | {measured} | {result.verdict} |")
+            if result.claim.reference_command:
+                contract, reference = (result.verdicts[a][0] for a in ("contract", "reference_code"))
+            else:
+                contract, reference = result.verdict, "-"
+            lines.append(f"| {result.claim.section}: {result.claim.statement} | {measured} | {contract} | {reference} |")
         return "\n".join(lines)
+
+
+def _statement(result: ClaimResult) -> str:
+    text = result.claim.statement
+    if result.claim.kind != "experiment":
+        text += f" *({result.claim.kind})*"
+    if result.incomplete:
+        text += " *(preset not complete)*"
+    return text
+
+
+def _verdict_cell(result: ClaimResult, algorithm: str) -> str:
+    decided = result.verdicts.get(algorithm, (result.verdict, ""))[0]
+    proxy = " (CPU proxy)" if result.proxy and algorithm != "reference_code" and decided != "not run" else ""
+    return f"**{decided}**{proxy}"
+
+
+def _level(row: claims.Row) -> str:
+    """The level a counted row's interval was judged at, and that interval where it differs from 95%."""
+    if not row.counted or row.effect is None:
+        return "-"
+    if row.fixed:
+        return "(premise)"
+    adjusted = row.adjusted_interval()
+    if adjusted is None:
+        return f"{row.level:.3g}"
+    return f"{row.level:.3g}: [{claims._num(adjusted[0])}, {claims._num(adjusted[1])}]"
 
 
 def _headline(result: ClaimResult) -> str:
@@ -219,6 +313,7 @@ def _row_seeds(row: claims.Row) -> str:
     if row.effect is None:
         return "-"
     return f"{row.effect.n} {'paired' if row.effect.paired else 'unpaired'}"
+
 
 
 def _code(text: str) -> str:
@@ -285,6 +380,8 @@ def claim_figure(result: ClaimResult) -> Figure | None:
     return figure
 
 
+
+
 # --------------------------------------------------------------------------------------------
 # The README block
 # --------------------------------------------------------------------------------------------
@@ -312,9 +409,36 @@ def read_block(text: str) -> str:
     return text.split(README_BEGIN)[1].split(README_END)[0].strip("\n")
 
 
+
+
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
+
+
+def readme_rows(block: str) -> dict[str, list[str]]:
+    """The README block's rows by their first cell (the claim), cells stripped."""
+    rows = {}
+    for line in block.splitlines():
+        if line.startswith("| ") and not line.startswith("| ---"):
+            cells = [cell.strip() for cell in line.strip().strip("|").split(" | ")]
+            rows[cells[0]] = cells
+    return rows
+
+
+def check_readme(report: Report, readme_text: str) -> list[str]:
+    """The claims the README shows as measured that this report would show as not run."""
+    try:
+        old = readme_rows(read_block(readme_text))
+    except ReportError:
+        return []
+    lost = []
+    for result in report.not_run():
+        name = f"{result.claim.section}: {result.claim.statement}"
+        cells = old.get(name)
+        if cells and len(cells) > 1 and not cells[1].startswith("run `"):
+            lost.append(name)
+    return lost
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -323,18 +447,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_REPORT, help=f"report file; figures go beside it (default: {DEFAULT_REPORT})")
     parser.add_argument("--readme", type=Path, nargs="?", const=README, default=None,
                         help="also rewrite the claims block of this README (default when given bare: the repository's)")
+    parser.add_argument("--allow-missing", action="store_true",
+                        help="report claims whose runs are absent as not run (and let --readme show them so) instead of refusing")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
 
+    def fail(message: str) -> int:
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+
+    # Every check comes before anything is written: a wrong tree loses nothing.
+    if not args.runs.is_dir():
+        return fail(f"--runs {args.runs}: no such directory (the output root of python -m experiments.run, e.g. results/runs)")
+    try:
+        check_writable_directory(args.out.parent, "--out", given=args.out)
+    except RunError as error:
+        return fail(str(error).removeprefix("error: "))
     readme = ""
     if args.readme is not None:  # a README whose block cannot be replaced stops before any work
         readme = args.readme.read_text() if args.readme.exists() else ""
         try:
             replace_block(readme, "")
         except ReportError as error:
-            print(f"error: {args.readme}: {error}", file=sys.stderr)
-            return 1
+            return fail(f"{args.readme}: {error}")
     report = Report(args.runs)
+    missing = report.not_run()
+    if len(missing) == len(report.claims):
+        return fail(f"--runs {args.runs}: no run there matches any claim (expected e.g. "
+                    f"{args.runs / 'graduate_admissions' / 'fig1'}); nothing written")
+    if missing and not args.allow_missing:
+        return fail(f"--runs {args.runs} holds no runs for {len(missing)} claim(s) "
+                    f"({', '.join(r.claim.key for r in missing)}); run them or pass --allow-missing to report them as not run; "
+                    "nothing written")
+    if args.readme is not None and not args.allow_missing:
+        lost = check_readme(report, readme)
+        if lost:
+            return fail(f"{args.readme}: would replace measured rows with \"not run\" ({'; '.join(lost)}); "
+                        "pass --allow-missing to do so; nothing written")
     for path in report.write(args.out):
         print(f"wrote {path}")
     if args.readme is not None:
