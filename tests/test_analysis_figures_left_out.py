@@ -45,7 +45,7 @@ def test_caption_says_how_many_seeds_diverged_and_what_was_left_out(fig1_synthet
     text = caption(report)
     assert "Adam+AADL: 2 of 5 seeds diverged (not in the means)" in text
     assert "Left out: 5 damaged and 1 incomplete runs (named in the warnings)." in text
-    assert "Adam: " not in text and "Adam+AADL+MA: " not in text  # nothing diverged there
+    assert [note for note in report.notes if "seeds diverged" in note] == ["Adam+AADL: 2 of 5 seeds diverged (not in the means)"]
     for note in ("Adam+AADL: 2 of 5 seeds diverged", "Left out: 5 damaged and 1 incomplete runs"):
         assert note in report.summary_markdown
     # The lines are drawn from the good runs only: the diverged runs' curves are not in them.
@@ -56,9 +56,60 @@ def test_caption_says_how_many_seeds_diverged_and_what_was_left_out(fig1_synthet
     assert "3 seeds" in axes.get_title()
 
 
-def test_a_clean_tree_has_no_left_out_caption(fig1_synthetic):
+def test_a_clean_tree_has_no_left_out_caption(fig1_synthetic, monkeypatch):
+    monkeypatch.setattr(figures, "preset_plan", lambda preset: SYNTHETIC_PLAN)  # the tree is all its preset runs
     report = figures.figure_report("fig1", fig1_synthetic)
     assert report.notes == [] and not report.figure.texts
+    assert report.figure.axes[0].get_title().startswith(figures.FIGURES["fig1"].title + "\n")  # no budget remark
+
+
+#: A preset that runs exactly FIG1_SYNTHETIC: its variants, seeds 0-2, 4 epochs.
+SYNTHETIC_PLAN = figures.PresetPlan("epoch", 4, tuple(FIG1_SYNTHETIC), (0, 1, 2))
+
+
+def test_a_figure_from_runs_short_of_the_presets_budget_says_so_in_its_title(fig1_synthetic):
+    """FIG1_SYNTHETIC's runs trained 4 epochs; the fig1 preset trains 1,500."""
+    report = figures.figure_report("fig1", fig1_synthetic)
+    assert report.figure.axes[0].get_title().startswith("Graduate admissions (paper Fig. 1): 4 of 1,500 epochs\n")
+
+
+def test_a_partial_sweep_names_its_missing_variants_and_seeds(fig1_synthetic, write_run, monkeypatch):
+    """Of a preset of 3 variants x seeds 0-3: one variant never started, one seed of Adam
+    was interrupted, seed 3 never ran; the caption names each, not only a count."""
+    plan = figures.PresetPlan("epoch", 4, (*FIG1_SYNTHETIC, "Adam+LBFGS"), (0, 1, 2, 3))
+    monkeypatch.setattr(figures, "preset_plan", lambda preset: plan)
+    interrupted = next(fig1_synthetic.rglob("Adam-*/seed=2"))
+    (interrupted / "COMPLETE").unlink()
+    report = figures.figure_report("fig1", fig1_synthetic)
+    missing = "Missing: Adam: seed 2 incomplete, seed 3 not run; Adam+AADL: seed 3 not run; Adam+AADL+MA: seed 3 not run; Adam+LBFGS: no finished run (seeds 0-3 not run)."
+    assert missing in report.notes
+    assert missing in caption(report) and missing in report.summary_markdown
+
+
+def test_the_real_fig1_preset_names_the_seeds_a_short_tree_lacks(fig1_synthetic):
+    """From the composed preset: seeds 0-19 and its variants (the budget test uses it too)."""
+    plan = figures.preset_plan("fig1")
+    assert plan.total == 1500 and plan.unit == "epoch" and plan.seeds == tuple(range(20))
+    assert {"Adam", "Adam+AADL", "Adam+AADL+MA"} <= set(plan.variants)
+    report = figures.figure_report("fig1", fig1_synthetic)
+    assert "Adam+AADL: seeds 3-19 not run" in caption(report)
+
+
+def test_figures_command_pools_kernel_levels_only_when_asked(tmp_path, write_run, capsys):
+    for seed in range(4):
+        for variant in ("Adam", "Adam+AADL"):
+            write_run(tmp_path / "runs", variant=variant, seed=seed, val_loss=[1.0, 0.5, 0.1 + 0.01 * seed],
+                      cpu_capability="AVX2" if seed % 2 else "AVX512")
+    out = tmp_path / "out"
+    assert figures.main(["sweep", str(tmp_path / "runs"), "--out", str(out), "--name", "split"]) == 0
+    split = (out / "split_summary.md").read_text()
+    assert "| Adam (kernels=AVX2) | 2 |" in split and "kept apart (labels say kernels=...; pool=kernels pools them)" in split
+    assert figures.main(["sweep", str(tmp_path / "runs"), "--out", str(out), "--name", "pooled", "--pool", "kernels"]) == 0
+    pooled = (out / "pooled_summary.md").read_text()
+    assert "| Adam | 4 |" in pooled and "Pooled across kernel levels on request (pool=kernels): AVX2 (4 runs), AVX512 (4 runs)." in pooled
+    capsys.readouterr()
+    assert figures.main(["sweep", str(tmp_path / "runs"), "--out", str(out), "--pool", "gpu"]) == 1
+    assert capsys.readouterr().err.strip() == "error: pool: 'gpu' is none of code, kernels or all"
 
 
 def test_title_gives_the_range_of_seed_counts(fig1_synthetic, write_run):

@@ -98,6 +98,8 @@ class RunIssue:
     reason: str
     label: str | None = None  # diverged runs: the configuration they count against
     seed: int | None = None
+    variant: str | None = None  # where known (meta.json, else the directory's name)
+    config_id: str | None = None
 
     def __str__(self) -> str:
         return f"{self.path}: {self.kind}: {self.reason}"
@@ -117,6 +119,7 @@ class Results:
     provenance: dict[str, dict[str, int]] = field(default_factory=dict)
     pooled: tuple[str, ...] = ()  # of PROVENANCE: pooled on request rather than split
     mixed: list[RunIssue] = field(default_factory=list)  # finished runs whose segments differ in code or kernels
+    budgets: dict[str, tuple[str, int]] = field(default_factory=dict)  # label -> (unit, total) of its runs
 
     @property
     def labels(self) -> list[str]:
@@ -593,8 +596,8 @@ RUN_FIELDS = ("run", "variant", "method", "legend_order", "baseline", "seed", "c
 
 
 def _collect(checks: Sequence[RunCheck], where: str, pool: tuple[str, ...] = (), skipped: Sequence[RunIssue] = ()) -> Results:
-    incomplete = [RunIssue(c.path, "incomplete", c.reason) for c in checks if c.kind == "incomplete"]
-    damaged = [RunIssue(c.path, "damaged", c.reason) for c in checks if c.kind == "damaged"]
+    incomplete = [RunIssue(c.path, "incomplete", c.reason, **_whose(c)) for c in checks if c.kind == "incomplete"]
+    damaged = [RunIssue(c.path, "damaged", c.reason, **_whose(c)) for c in checks if c.kind == "damaged"]
     for issue in damaged + incomplete:
         log.warning("left out %s", issue)
     finished = [_run_record(c) for c in checks if c.kind in ("good", "diverged")]
@@ -634,7 +637,21 @@ def _collect(checks: Sequence[RunCheck], where: str, pool: tuple[str, ...] = (),
     runs = pd.DataFrame([{k: v for k, v in r.items() if not k.startswith("_")} for r in good])
     metrics = pd.concat([r["_metrics"].assign(run=r["run"], label=r["label"]) for r in good], ignore_index=True)
     return Results(metrics, runs, varying, _configurations(records), diverged, incomplete, damaged,
-                   list(skipped), provenance_counts, tuple(k for k in pool if k in provenance_counts), mixed)
+                   list(skipped), provenance_counts, tuple(k for k in pool if k in provenance_counts), mixed,
+                   {r["label"]: r["_budget"] for r in records})
+
+
+def _whose(check: RunCheck) -> dict[str, Any]:
+    """Variant, config_id and seed of a run left out: from meta.json where it says, else from
+    the directory's name (``<variant>-<config_id>/seed=<seed>``)."""
+    meta = check.meta or {}
+    variant, _, config_id = check.path.parent.name.rpartition("-")
+    seed = check.path.name.removeprefix("seed=")
+    found = {"variant": variant or None, "config_id": config_id or None, "seed": int(seed) if seed.isdigit() else None}
+    for key, valid in (("variant", str), ("config_id", str), ("seed", int)):
+        if isinstance(meta.get(key), valid) and not isinstance(meta.get(key), bool):
+            found[key] = meta[key]
+    return found
 
 
 def _split_by_provenance(records: list[dict], pool: tuple[str, ...]) -> tuple[dict[str, dict[str, int]], list[RunIssue]]:
@@ -675,6 +692,7 @@ def _run_record(check: RunCheck) -> dict:
         # writer gave them one config_id: nothing is pooled that the files tell apart.
         "_configuration": (meta["config_id"], json.dumps(meta["identity"], sort_keys=True, default=str)),
         "_provenance": provenance(meta),
+        "_budget": (meta["budget"]["unit"], meta["budget"]["total"]),
         "_kind": check.kind,
         "_reason": check.reason,
         "_metrics": check.metrics,
@@ -982,3 +1000,50 @@ def left_out_notes(results: Results, table: pd.DataFrame | None = None) -> list[
     if results.skipped:
         notes.append(f"Not read: {len(results.skipped)} folder{'s' if len(results.skipped) > 1 else ''} (links already read, broken or unreadable; named in the warnings).")
     return notes + provenance_notes(results)
+
+
+def coverage_notes(results: Results, seeds: Sequence[int] | None = None, variants: Sequence[str] = ()) -> list[str]:
+    """Lines naming what a partial sweep lacks: each configuration's missing seeds (of
+    ``seeds`` and every seed any run found has, finished or not), with why (incomplete,
+    damaged, or not run), and each variant without a finished run (of ``variants`` and
+    those only unfinished or damaged runs have). Seeds a configuration ran under another
+    code version or kernel level count as present (the split is noted apart)."""
+    issues = results.incomplete + results.damaged
+    expected = set(seeds or ()) | set(results.runs["seed"]) | {i.seed for i in results.diverged + issues if i.seed is not None}
+    configs = results.configurations
+    notes = []
+    for config_id, group in configs.groupby("config_id", sort=False):
+        labels = group["label"].tolist()
+        have = set(results.runs.loc[results.runs["label"].isin(labels), "seed"]) | {i.seed for i in results.diverged if i.label in labels}
+        lacking = sorted(expected - have)
+        if lacking:
+            why = {seed: next((i.kind for i in issues if i.config_id == config_id and i.seed == seed), "not run") for seed in lacking}
+            notes.append(f"{' / '.join(labels)}: {_seed_reasons(why)}")
+    present = set(configs["variant"])
+    for variant in dict.fromkeys([*variants, *(i.variant for i in issues if i.variant)]):
+        if variant in present:
+            continue
+        why = {seed: "not run" for seed in expected}
+        why.update({i.seed: i.kind for i in issues if i.variant == variant and i.seed is not None})
+        notes.append(f"{variant}: no finished run ({_seed_reasons(why)})")
+    return [f"Missing: {'; '.join(notes)}."] if notes else []
+
+
+def _seed_reasons(why: dict[int, str]) -> str:
+    """{seed: reason} as "seeds 3, 5-9 not run, seed 4 incomplete"."""
+    parts = []
+    for reason in dict.fromkeys(why[seed] for seed in sorted(why)):
+        chosen = sorted(seed for seed in why if why[seed] == reason)
+        parts.append(f"seed{'s' if len(chosen) > 1 else ''} {seed_ranges(chosen)} {reason}")
+    return ", ".join(parts)
+
+
+def seed_ranges(seeds: Sequence[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> "0-2, 5, 7-8"."""
+    ranges: list[list[int]] = []
+    for seed in sorted(set(seeds)):
+        if ranges and seed == ranges[-1][1] + 1:
+            ranges[-1][1] = seed
+        else:
+            ranges.append([seed, seed])
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in ranges)

@@ -12,8 +12,12 @@ table. The notebooks call the same functions (``figure_report``).
 
 Only good runs are drawn (see ``aggregate``): a damaged or incomplete run is named in a
 warning and left out, and the figure is drawn from the rest; the caption says how many
-seeds of each configuration diverged and how many runs were left out. The command exits
-with 1 and one line of explanation only when no run is usable.
+seeds of each configuration diverged, how many runs were left out, which seeds and
+variants are missing (a paper figure: of its preset's; otherwise of those any run found
+has) and how runs of several code versions or kernel levels were kept apart (``--pool``
+pools them, and the caption says so). A paper figure drawn from runs shorter than its
+preset's budget says so in its title ("30 of 1,500 epochs"). The command exits with 1 and
+one line of explanation only when no run is usable.
 
 Figures are built with matplotlib's object API (``Figure``, not pyplot) and rendered by
 Agg, so nothing here depends on a display or on the global pyplot state.
@@ -193,15 +197,74 @@ class Report:
         print(self.summary_markdown)
 
 
+@dataclass(frozen=True)
+class PresetPlan:
+    """What a paper preset runs: its budget, its variants (labels) and its seeds."""
+
+    unit: str  # "epoch" or "iteration"
+    total: int
+    variants: tuple[str, ...]
+    seeds: tuple[int, ...]
+
+
+@functools.cache
+def preset_plan(preset: str) -> PresetPlan | None:
+    """The plan of ``configs/paper/<preset>.yaml``, from the config each of its method
+    choices composes to (this imports the harness's config, and with it torch: only paper
+    figures ask). None, with one warning line, where the preset does not compose."""
+    try:
+        from omegaconf import OmegaConf
+
+        from experiments.compose import compose, preset_sweep
+        from experiments.methods import METHODS
+        from experiments.optimizers import BASE_OPTIMIZERS
+
+        sweep = preset_sweep(preset)
+        variants, budget = [], None
+        for choice in sweep.get("method", [None]):
+            cfg = compose(f"+paper={preset}", *([f"method={choice}"] if choice else []))
+            section = OmegaConf.to_container(cfg.method, resolve=True)
+            name = section["name"]
+            method = METHODS.get(name).from_config(section.get(name) or {}, f"method.{name}.")
+            variants.append(method.label(BASE_OPTIMIZERS[cfg.optimizer.name].label))
+            budget = ("epoch", cfg.train.epochs) if cfg.train.epochs is not None else ("iteration", cfg.train.iterations)
+        seeds = tuple(int(seed) for seed in sweep.get("seed", []))
+        return PresetPlan(budget[0], int(budget[1]), tuple(variants), seeds)
+    except Exception as error:  # a figure is still drawn; it cannot say what it lacks
+        logging.getLogger(__name__).warning(
+            "preset %s does not compose (%s: %s): the figure cannot say which seeds, variants or budget it lacks",
+            preset, type(error).__name__, error,
+        )
+        return None
+
+
+def budget_text(results: Results, labels: Sequence[str], unit: str, total: int) -> str | None:
+    """"30 of 1,500 epochs" where the runs drawn trained less than ``total`` units, "3,000
+    epochs (the preset's: 1,500)" where other than it; None where all trained ``total``."""
+    totals = sorted({results.budgets[label][1] for label in labels if results.budgets.get(label, (unit,))[0] == unit})
+    if not totals or totals == [total]:
+        return None
+    done = f"{totals[0]:,}" if len(totals) == 1 else f"{totals[0]:,}-{totals[-1]:,}"
+    if totals[-1] < total:
+        return f"{done} of {total:,} {unit}s"
+    return f"{done} {unit}s (the preset's: {total:,})"
+
+
 def default_results_dir(figure: str) -> Path:
     """Where ``python -m experiments.run -m +paper=<figure>`` writes, from the repository root."""
     return REPO_ROOT / FIGURES[figure].results_dir()
 
 
-def figure_report(figure: str, results: Path | str | Results | None = None, *, title: str | None = None) -> Report:
+def figure_report(
+    figure: str, results: Path | str | Results | None = None, *, title: str | None = None, pool: Sequence[str] = ()
+) -> Report:
     """A named paper figure (``FIGURES``) from its runs: a results directory (default: where
-    its preset writes) or runs already loaded (e.g. a subset, as the demo does)."""
+    its preset writes) or runs already loaded (e.g. a subset, as the demo does). Its title
+    says where the runs trained less than the preset's budget; from a directory, its caption
+    names the preset's variants and seeds that are missing (runs given as loaded are a
+    chosen subset: only seeds missing among them are named)."""
     spec = FIGURES[figure]
+    plan = preset_plan(spec.preset)
     return curves_report(
         results if results is not None else spec.results_dir(),
         metric=spec.metric,
@@ -212,6 +275,10 @@ def figure_report(figure: str, results: Path | str | Results | None = None, *, t
         ylabel=spec.ylabel,
         also=spec.also,
         caveats=spec.caveats,
+        pool=pool,
+        budget=(plan.unit, plan.total) if plan else None,
+        seeds=plan.seeds if plan and not isinstance(results, Results) else None,
+        variants=plan.variants if plan and not isinstance(results, Results) else (),
     )
 
 
@@ -226,27 +293,40 @@ def curves_report(
     ylabel: str | None = None,
     also: Sequence[str] = (),
     caveats: Sequence[Caveat] = (),
+    pool: Sequence[str] = (),
+    budget: tuple[str, int] | None = None,
+    seeds: Sequence[int] | None = None,
+    variants: Sequence[str] = (),
 ) -> Report:
     """Mean curves with CI bands of ``metric`` for every configuration of ``results`` (a
-    directory, read with ``aggregate.load_results``, or runs already loaded)."""
+    directory, read with ``aggregate.load_results`` pooling ``pool``, or runs already
+    loaded). ``budget`` (unit, total): the title says where the runs drawn trained other
+    than that; ``seeds`` and ``variants``: what the caption names as missing where absent
+    (besides seeds other runs have)."""
     source = results
     if not isinstance(results, Results):
-        results = aggregate.load_results(results)
+        results = aggregate.load_results(results, pool=pool)
     x = x or _default_x(results)
     curve_table = aggregate.curves(results, metric, x)
     table = aggregate.summary(results, metric, x, threshold, also=also)
-    notes = [caveat.text for caveat in caveats if caveat.applies(results)] + aggregate.left_out_notes(results, table)
+    notes = [caveat.text for caveat in caveats if caveat.applies(results)]
+    notes += aggregate.coverage_notes(results, seeds, variants) + _single_seed_notes(table)
+    notes += aggregate.left_out_notes(results, table)
     # Runs whose final value is not finite are in the summary's diverged count, not drawn.
     drawn = set(table.loc[table["runs"] > 0, "label"])
     if not drawn:
         raise ResultsError(f"no good run in {source} has a finite final {metric}: nothing to draw")
+    title = title or str(source)
+    short = budget_text(results, sorted(drawn), *budget) if budget else None
+    if short:
+        title = f"{title}: {short}"
     figure = plot_curves(
         curve_table[curve_table["label"].isin(drawn)],
         labels=[label for label in results.labels if label in drawn],
         x=x,
         xlabel=xlabel,
         ylabel=ylabel or metric,
-        title=title or str(source),
+        title=title,
         note=f"mean and 95% CI over {_seed_counts(table)}",
         caption=notes,
         orders=results.legend_orders,
@@ -254,15 +334,21 @@ def curves_report(
     return Report(results, curve_table, table, figure, notes)
 
 
-def sweep_report(results_dir: Path | str, *, metric: str = "val_loss", x: str | None = None) -> Report:
+def sweep_report(results_dir: Path | str, *, metric: str = "val_loss", x: str | None = None, pool: Sequence[str] = ()) -> Report:
     """Final ``metric`` (mean and CI over seeds) per hyperparameter combination."""
-    results = aggregate.load_results(results_dir)
+    results = aggregate.load_results(results_dir, pool=pool)
     x = x or _default_x(results)
     table = aggregate.summary(results, metric, x)
-    notes = aggregate.left_out_notes(results, table)
+    notes = aggregate.coverage_notes(results) + _single_seed_notes(table) + aggregate.left_out_notes(results, table)
     figure = plot_sweep(table, results.varying, ylabel=f"final {metric}", title=str(results_dir), caption=notes,
                         orders=dict(zip(results.configurations["variant"], results.configurations["legend_order"])))
     return Report(results, aggregate.curves(results, metric, x), table, figure, notes)
+
+
+def _single_seed_notes(table: pd.DataFrame) -> list[str]:
+    """A configuration resting on one seed has a mean and no interval: say which."""
+    single = table.loc[table["runs"] == 1, "label"].tolist()
+    return [f"One seed only, no interval: {', '.join(single)}."] if single else []
 
 
 def _seed_counts(table: pd.DataFrame) -> str:
@@ -388,10 +474,10 @@ def _default_x(results: Results) -> str:
     return "epoch" if results.metrics["epoch"].notna().any() else "step"
 
 
-def _paper_figure(figure: str, results_dir: Path | None) -> Report:
+def _paper_figure(figure: str, results_dir: Path | None, pool: Sequence[str] = ()) -> Report:
     """``figure_report``, with an error that names the preset making the missing runs."""
     try:
-        return figure_report(figure, results_dir)
+        return figure_report(figure, results_dir, pool=pool)
     except ResultsError as error:
         raise ResultsError(f"{error} -m +paper={figure}") from None
 
@@ -412,17 +498,22 @@ def main(argv: list[str] | None = None) -> int:
     curves_cmd.add_argument("--threshold", type=float, help="also report the x at which the metric first reaches this")
     for sub in commands.choices.values():
         sub.add_argument("--out", type=Path, default=DEFAULT_FIGURE_DIR, help=f"output directory (default: {DEFAULT_FIGURE_DIR})")
+        sub.add_argument(
+            "--pool", default="", metavar="code,kernels",
+            help="pool runs of several code versions and/or kernel levels (code, kernels, all); by default they are kept apart, labelled",
+        )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
     try:
+        pool = aggregate.check_pool(args.pool)
         if args.command in FIGURES:
-            report, name = _paper_figure(args.command, args.results), args.command
+            report, name = _paper_figure(args.command, args.results, pool), args.command
         elif args.command == "curves":
-            report = curves_report(args.results, metric=args.metric, x=args.x, threshold=args.threshold)
+            report = curves_report(args.results, metric=args.metric, x=args.x, threshold=args.threshold, pool=pool)
             name = args.name or args.results.name
         else:
-            report = sweep_report(args.results, metric=args.metric, x=args.x)
+            report = sweep_report(args.results, metric=args.metric, x=args.x, pool=pool)
             name = args.name or f"{args.results.name}_sweep"
     except ResultsError as error:
         print(f"error: {error}", file=sys.stderr)
