@@ -39,6 +39,7 @@ SCRIPT_VARIABLES = (
     "NODES", "GPUS_PER_NODE", "TASKS_PER_NODE", "SIGNAL_SECONDS", "MAX_REQUEUES", "SRUN_MPI",
     "WARN_MINUTES", "CORES_PER_RS", "GPUS_PER_RS", "STAGE_DATA", "ALLOC_FLAGS", "MAX_RESUBMITS",
     "CORES", "SITE_SETUP", "DRY_RUN", "AADL_SUBMIT", "AADL_REPO", "MASTER_ADDR", "MASTER_PORT",
+    "SITE", "AADL_SITE", "QOS", "SETUP", "RESUBMIT", "PACK", "AADL_RESUBMITS", "AADL_DATA_ROOT", "AADL_STAGED_FROM",
 )
 TINY_BURGERS = ("train.iterations=12", "train.eval_every=3", "method=aadl", "method.aadl.frequency=2", "method.aadl.store_every=1")
 
@@ -90,13 +91,14 @@ def test_seed_array_dry_run_defaults():
     logs = f"{REPO_ROOT}/results/logs"
     sbatch, python = dry_run("slurm/seed_array.sbatch")
     assert sbatch == [
-        "sbatch", "--parsable", "--job-name=aadl-fig2", "--array=0-19", "--ntasks=1", "--cpus-per-task=3",
-        "--time=02:00:00", f"--output={logs}/%x-%A_%a.out", f"--chdir={REPO_ROOT}", "--export=ALL",
+        "sbatch", "--parsable", "--job-name=aadl-fig2", "--array=0-19", "--ntasks=1", "--cpus-per-task=1",
+        "--time=01:00:00", "--signal=B:USR1@300", "--requeue", "--open-mode=append",
+        f"--output={logs}/%x-%A_%a.out", f"--chdir={REPO_ROOT}", "--export=ALL",
         f"{REPO_ROOT}/slurm/seed_array.sbatch",
     ]
     assert python == [
         PYTHON, "-m", "experiments.run", "-m", "+paper=fig2", "seed=${SLURM_ARRAY_TASK_ID}",
-        "hydra/launcher=local", "hydra.launcher.n_jobs=3",
+        "hydra/launcher=local", "hydra.launcher.n_jobs=1",
         f"hydra.sweep.dir={logs}/hydra/${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}",
     ]
 
@@ -104,18 +106,49 @@ def test_seed_array_dry_run_defaults():
 def test_seed_array_dry_run_with_every_variable():
     sbatch, python = dry_run(
         "slurm/seed_array.sbatch", PRESET="fig3", SEEDS="0-4", CPUS_PER_TASK="6", GPUS="1", TIME="30",
-        PARTITION="gpu", ACCOUNT="abc", JOB_NAME="f3", OVERRIDES="train.iterations=10 output.root=/x",
-        PYTHON="/opt/py", LOG_DIR="/logs", HYDRA_DIR="/h", SBATCH_ARGS="--qos=high",
+        PARTITION="gpu", ACCOUNT="abc", QOS="high", JOB_NAME="f3", OVERRIDES="train.iterations=10 output.root=/x",
+        PYTHON=sys.executable, LOG_DIR="/logs", HYDRA_DIR="/h", SBATCH_ARGS="--mem=16G", SIGNAL_SECONDS="120",
     )
     assert sbatch == [
         "sbatch", "--parsable", "--job-name=f3", "--array=0-4", "--ntasks=1", "--cpus-per-task=6", "--time=30",
+        "--signal=B:USR1@120", "--requeue", "--open-mode=append",
         "--output=/logs/%x-%A_%a.out", f"--chdir={REPO_ROOT}", "--export=ALL", "--partition=gpu",
-        "--account=abc", "--gres=gpu:1", "--qos=high", f"{REPO_ROOT}/slurm/seed_array.sbatch",
+        "--account=abc", "--qos=high", "--gres=gpu:1", "--mem=16G", f"{REPO_ROOT}/slurm/seed_array.sbatch",
     ]
     assert python == [
-        "/opt/py", "-m", "experiments.run", "-m", "+paper=fig3", "seed=${SLURM_ARRAY_TASK_ID}",
+        sys.executable, "-m", "experiments.run", "-m", "+paper=fig3", "seed=${SLURM_ARRAY_TASK_ID}",
         "hydra/launcher=local", "hydra.launcher.n_jobs=6", "hydra.sweep.dir=/h", "train.iterations=10", "output.root=/x",
     ]
+
+
+@pytest.mark.parametrize("time_limit, signal_seconds", [("1", "60"), ("00:01:00", "90"), ("30", "1800")])
+def test_seed_array_refuses_a_warning_no_earlier_than_the_start(time_limit, signal_seconds):
+    result = subprocess.run(["bash", str(REPO_ROOT / "slurm/seed_array.sbatch")], capture_output=True, text=True, timeout=60,
+                            env=script_env(DRY_RUN="1", TIME=time_limit, SIGNAL_SECONDS=signal_seconds), cwd="/")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and f"SIGNAL_SECONDS={signal_seconds}: must be less than TIME={time_limit}" in result.stderr
+
+
+def test_seed_array_short_time_gets_a_quarter_of_it_as_warning():
+    sbatch, _ = dry_run("slurm/seed_array.sbatch", TIME="2")
+    assert "--signal=B:USR1@30" in sbatch
+
+
+def test_seed_array_reads_the_site_file(tmp_path):
+    sbatch, python = dry_run("slurm/seed_array.sbatch", SITE="perlmutter", SCRATCH=str(tmp_path))
+    assert {"--cpus-per-task=32", "--qos=regular", "--constraint=gpu", "--time=02:00:00",
+            f"--output={tmp_path}/aadl/logs/%x-%A_%a.out"} <= set(sbatch)
+    assert python[-1] == f"output.root={tmp_path}/aadl/results"  # runs default to the scratch root
+    sbatch, _ = dry_run("slurm/seed_array.sbatch", SITE="frontier", MEMBERWORK=str(tmp_path), ACCOUNT="abc123", PARTITION="extended")
+    assert {"--partition=extended", "--account=abc123", "--cpus-per-task=7"} <= set(sbatch)  # the environment wins
+
+
+def test_older_site_setup_file_is_refused_in_one_line(tmp_path):
+    setup = tmp_path / "site.sh"
+    setup.write_text("module load x\n")
+    result = subprocess.run(["bash", str(REPO_ROOT / "slurm/seed_array.sbatch")], capture_output=True, text=True, timeout=60,
+                            env=script_env(DRY_RUN="1", SITE_SETUP=str(setup)), cwd="/")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and f"SETUP='source {setup}'" in result.stderr
 
 
 def test_ddp_sbatch_dry_run_defaults_and_cpu_mode():
@@ -153,7 +186,7 @@ def test_lsf_ddp_dry_run():
         "jsrun", "-n", "12", "-r", "6", "-a", "1", "-g", "1", "-c", "7", "-b", "packed:7",
         PYTHON, "-m", "experiments.run", "experiment=burgers2d", f"hydra.run.dir={logs}/hydra/${{LSB_JOBID}}",
     ]
-    bsub, _ = dry_run("lsf/ddp.lsf", STAGE_DATA="1", TIME="120", WARN_MINUTES="10")
+    bsub, *_ = dry_run("lsf/ddp.lsf", STAGE_DATA="1", TIME="120", WARN_MINUTES="10")
     assert bsub[bsub.index("-alloc_flags") + 1] == "smt4 NVME"
     assert bsub[bsub.index("-W") + 1] == "120" and bsub[bsub.index("-wt") + 1] == "10"
     assert "-P" not in bsub  # no ACCOUNT: the header's placeholder (a real submission refuses)
@@ -161,16 +194,17 @@ def test_lsf_ddp_dry_run():
 
 def test_lsf_seed_array_dry_run():
     logs = f"{REPO_ROOT}/results/logs"
-    bsub, jsrun = dry_run("lsf/seed_array.lsf", ACCOUNT="abc123", OVERRIDES="train.iterations=5")
+    bsub, jsrun, note = dry_run("lsf/seed_array.lsf", ACCOUNT="abc123", OVERRIDES="train.iterations=5", TIME="120")
     assert bsub == [
-        "bsub", "-J", "aadl-fig2[1-20]", "-nnodes", "1", "-W", "120", "-alloc_flags", "smt4",
-        "-o", f"{logs}/%J_%I.out", "-cwd", str(REPO_ROOT), "-P", "abc123", "<", f"{REPO_ROOT}/lsf/seed_array.lsf",
+        "bsub", "-J", "aadl-fig2", "-nnodes", "1", "-o", f"{logs}/%J.out", "-W", "120", "-alloc_flags", "smt4",
+        "-wa", "USR1", "-wt", "5", "-cwd", str(REPO_ROOT), "-P", "abc123", "<", f"{REPO_ROOT}/lsf/seed_array.lsf",
     ]
     assert jsrun == [
-        "jsrun", "-n", "1", "-a", "1", "-c", "42", "-g", "0", "-b", "packed:42", PYTHON, "-m", "experiments.run",
-        "-m", "+paper=fig2", "seed=$((LSB_JOBINDEX-1))", "hydra/launcher=local", "hydra.launcher.n_jobs=42",
-        f"hydra.sweep.dir={logs}/hydra/${{LSB_JOBID}}_$((LSB_JOBINDEX-1))", "train.iterations=5",
+        "jsrun", "-n", "1", "-a", "1", "-c", "1", "-g", "0", "-b", "packed:1", PYTHON, "-m", "experiments.run",
+        "-m", "+paper=fig2", "seed=${seed}", "hydra/launcher=local", "hydra.launcher.n_jobs=1",
+        f"hydra.sweep.dir={logs}/hydra/${{LSB_JOBID}}/seed=${{seed}}", "train.iterations=5",
     ]
+    assert note[:6] == ["#", "for", "each", "seed", "of", "0"]
 
 
 def test_lsf_submission_without_account_is_refused():
@@ -184,14 +218,15 @@ def test_bsub_headers():
     assert ddp["-wa"] == ["USR1"] and ddp["-W"] == ["60"] and ddp["-wt"] == ["5"] and ddp["-nnodes"] == ["1"]
     assert ddp["-alloc_flags"] == ["smt4"]
     array = {words[0]: words[1:] for words in header("lsf/seed_array.lsf", "#BSUB")}
-    assert {"-P", "-W", "-nnodes", "-alloc_flags", "-J", "-o"} <= set(array)
-    assert array["-J"] == ["aadl-seeds[1-20]"] and array["-o"] == ["results/logs/%J_%I.out"]
+    assert {"-P", "-W", "-nnodes", "-alloc_flags", "-J", "-o", "-wa", "-wt"} <= set(array)
+    assert array["-J"] == ["aadl-seeds"] and array["-o"] == ["results/logs/%J.out"] and array["-wa"] == ["USR1"]
     assert "seed=$((LSB_JOBINDEX - 1))" in (REPO_ROOT / "lsf/seed_array.lsf").read_text()
 
 
 def test_sbatch_headers():
-    array = dict(words[0].split("=", 1) for words in header("slurm/seed_array.sbatch", "#SBATCH"))
-    assert array["--array"] == "0-19" and array["--cpus-per-task"] == "3"
+    array = {words[0].partition("=")[0]: words[0].partition("=")[2] for words in header("slurm/seed_array.sbatch", "#SBATCH")}
+    assert array["--array"] == "0-19" and array["--cpus-per-task"] == "1"
+    assert array["--signal"] == "B:USR1@300" and "--requeue" in array  # the batch shell passes it on
     assert array["--output"] == "results/logs/%x-%A_%a.out"
     ddp = header("slurm/ddp.sbatch", "#SBATCH")
     options = {words[0].split("=", 1)[0]: words[0].split("=", 1)[-1] for words in ddp}
@@ -216,7 +251,7 @@ def test_lsf_ddp_jsrun_line_trains_two_ranks_like_one_process(compose, tmp_path)
     setup = tmp_path / "site.sh"
     setup.write_text('echo "site setup ran"\n')  # stands for `module load ...`
     env = script_env(
-        SITE_SETUP=str(setup), PATH=f"{STANDIN}:{os.environ['PATH']}", LSB_JOBID="777", LSB_DJOB_HOSTFILE=str(hosts), AADL_REPO=str(REPO_ROOT),
+        SETUP=f"source {setup}", PATH=f"{STANDIN}:{os.environ['PATH']}", LSB_JOBID="777", LSB_DJOB_HOSTFILE=str(hosts), AADL_REPO=str(REPO_ROOT),
         GPUS_PER_NODE="2", GPUS_PER_RS="0", CORES_PER_RS="1", LOG_DIR=str(tmp_path / "logs"),
         OVERRIDES=" ".join((*TINY_BURGERS, f"output.root={root}")), GLOO_SOCKET_IFNAME="lo", CI="1",
     )
@@ -260,7 +295,9 @@ def test_seed_array_runs_every_seed_and_variant(tmp_path, slurm):  # noqa: F811
     logs = "\n".join(p.read_text() for p in (tmp_path / "logs").glob("*.out"))
     assert array_states(job) == ["COMPLETED"] * 3, logs[-4000:]
     runs = sorted(root.rglob("metrics.csv"))
-    assert len(runs) == 9, logs[-4000:]  # 3 seeds x 3 methods
+    from experiments.compose import preset_sweep
+
+    assert len(runs) == 3 * len(preset_sweep("fig2")["method"]), logs[-4000:]  # 3 seeds x the preset's methods
     assert sorted({p.parent.name for p in runs}) == ["seed=0", "seed=1", "seed=2"]
     assert all(json.loads((p.parent / "meta.json").read_text())["status"] == "complete" for p in runs)
 
