@@ -523,3 +523,34 @@ def test_the_committed_readme_block_is_current_or_says_it_predates_the_rule():
         assert set(decided) <= {*claims.VERDICTS, "-"}
         if decided[0] == "not run":
             assert measured == f"run `{claim.command}`"
+
+
+# --------------------------------------------------------------------------------------------
+# The results bundle
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_report_from_a_bundle_is_the_report_from_its_runs(tmp_path, monkeypatch):
+    from experiments.analysis import bundle
+
+    monkeypatch.chdir(tmp_path)  # relative roots, as the commands are used
+    runs = Path("results/runs")
+    fig1(runs, {"Adam": 0.02, "Adam+AADL": 0.02, "Adam+AADL+MA": 0.001})
+    write_run(runs, variant="Adam+AADL+MA", seed=10, val_loss=[1.0, 1e-9, math.nan], name="fig1", outcome="diverged")
+    write_run(runs, variant="Adam", seed=11, val_loss=[1.0, 0.5], name="fig1", complete=False, status="preempted")
+    (runs / "graduate_admissions" / "fig1" / "Adam-x" / "seed=3").mkdir(parents=True)  # a damaged directory
+    (runs / "graduate_admissions" / "fig1" / "Adam-x" / "seed=3" / "meta.json").write_text("{not json")
+    assert bundle.main(["--runs", str(runs), "--out", "results/bundle"]) == 0
+    first = {p.name: p.read_bytes() for p in Path("results/bundle").iterdir()}
+    assert bundle.main(["--runs", str(runs), "--out", "results/bundle"]) == 0
+    assert {p.name: p.read_bytes() for p in Path("results/bundle").iterdir()} == first  # the same runs, the same bytes
+    assert sum(map(len, first.values())) < 100_000
+    summary = pd.read_csv("results/bundle/summary.csv.gz")
+    assert len(summary) == 33 and {"commit", "host", "cpu_capability", "started", "budget_total", "final_val_loss"} <= set(summary)
+    assert report.main(["--runs", str(runs), "--out", "direct/report.md", "--allow-missing"]) == 0
+    assert report.main(["--runs", "results/bundle", "--out", "bundled/report.md", "--allow-missing"]) == 0
+    direct, bundled = Path("direct/report.md").read_text(), Path("bundled/report.md").read_text()
+    assert direct == bundled and "results/runs/graduate_admissions/fig1" in bundled
+    assert "| `results/runs/graduate_admissions/fig1` | 30 | 1 | 1 | 1 |" in bundled  # left-out runs counted alike
+    for figure in Path("direct").glob("*.png"):
+        assert (Path("bundled") / figure.name).read_bytes() == figure.read_bytes()

@@ -29,13 +29,13 @@ import sys
 import textwrap
 from collections import Counter
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-from experiments.analysis import aggregate, claims
+from experiments.analysis import aggregate, bundle, claims
 from experiments.analysis.claims import ALGORITHM_NAMES, ClaimResult, Context, MeasureRow, Study
 from experiments.analysis.figures import DEFAULT_OUTPUT_ROOT, REPO_ROOT, STYLE
 from experiments.errors import RunError, check_writable_directory
@@ -66,9 +66,12 @@ class ReportError(Exception):
 class Report:
     """Everything the report shows, measured once."""
 
-    def __init__(self, runs: Path | str):
-        self.runs = Path(runs)
-        context = Context(self.runs)
+    def __init__(self, runs: Path | str, shown: str | None = None):
+        """The claims on the runs under ``runs``, named ``shown`` where given (a results
+        bundle unpacked into a temporary directory names the root it was made from)."""
+        self.tree = Path(runs)
+        self.runs = Path(shown) if shown is not None else self.tree
+        context = Context(self.tree)
         self.claims: list[ClaimResult] = claims.evaluate_all(context)
         self.family_size = context.family_size
         self.criterion: list[MeasureRow] = claims.criterion_rates(context)
@@ -131,7 +134,8 @@ class Report:
             for result in chosen:
                 lines += self._claim_section(result, figures.get(result.claim.key))
         lines += self._criterion_section() + self._targets_section() + self._runs_section()
-        return "\n".join(lines).rstrip() + "\n"
+        text = "\n".join(lines).rstrip() + "\n"
+        return text.replace(str(self.tree), str(self.runs)) if self.tree != self.runs else text
 
     def _groups(self) -> list[tuple[str, list[ClaimResult]]]:
         """The claims by source: the seed paper's experiments, its attributions tested by a
@@ -154,11 +158,7 @@ class Report:
         for study in finished:
             seen = study.provenance()
             lines.append(f"| `{study.path}` | " + " | ".join(", ".join(seen[k]) for k in ("commits", "dates", "hosts", "kernels")) + " |")
-        notes = []
-        provenance_notes = getattr(aggregate, "provenance_notes", None)
-        for study in finished:
-            if provenance_notes is not None:
-                notes += [f"`{study.path}`: {note}" for note in provenance_notes(study.results)]
+        notes = [f"`{study.path}`: {note}" for study in finished for note in aggregate.provenance_notes(study.results)]
         lines += [""] + [f"- {note}" for note in notes]
         return lines + ([""] if notes else [])
 
@@ -458,7 +458,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # Every check comes before anything is written: a wrong tree loses nothing.
     if not args.runs.is_dir():
-        return fail(f"--runs {args.runs}: no such directory (the output root of python -m experiments.run, e.g. results/runs)")
+        return fail(f"--runs {args.runs}: no such directory (the output root of python -m experiments.run, e.g. results/runs, "
+                    "or a results bundle)")
     try:
         check_writable_directory(args.out.parent, "--out", given=args.out)
     except RunError as error:
@@ -470,7 +471,15 @@ def main(argv: list[str] | None = None) -> int:
             replace_block(readme, "")
         except ReportError as error:
             return fail(f"{args.readme}: {error}")
-    report = Report(args.runs)
+    try:
+        with bundle.opened(args.runs) as (tree, shown):
+            return _report(args, readme, Report(tree, shown), fail)
+    except bundle.BundleError as error:
+        return fail(str(error))
+
+
+def _report(args: argparse.Namespace, readme: str, report: Report, fail: Callable[[str], int]) -> int:
+    """Check ``report`` against what it would replace, then write it (and the README block)."""
     missing = report.not_run()
     if len(missing) == len(report.claims):
         return fail(f"--runs {args.runs}: no run there matches any claim (expected e.g. "
