@@ -19,15 +19,24 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 CONFIG_NAME = "config"
 
 
+def register_settings_nodes() -> None:
+    """Store the methods' and problems' settings nodes in Hydra's ConfigStore (what
+    ``configs/config.yaml`` composes into ``method`` and ``problem``), including any
+    registered since the last call."""
+    from experiments.methods import register_settings_node
+    from experiments.problems import register_settings_nodes as register_problem_nodes
+
+    register_settings_node()
+    register_problem_nodes()
+
+
 def compose(*overrides: str, return_hydra_config: bool = False) -> DictConfig:
     """The config of one job. A sweep (``a=1,2``) is not expanded here: see :func:`expand_sweep`."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from experiments.methods import register_settings_node
-
-    register_settings_node()
+    register_settings_nodes()
     if GlobalHydra.instance().is_initialized():  # inside a running Hydra app (a callback)
         return hydra_compose(CONFIG_NAME, overrides=list(overrides), return_hydra_config=return_hydra_config)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from experiments.analysis import aggregate, figures
 from experiments.compose import compose, preset_sweep
-from experiments.errors import ConfigError, DatasetError
+from experiments.errors import ConfigError, DatasetError, RunError, check_writable_directory
 from experiments.results import LOG_FILE, METRICS_FILE, RunDirectory
 from experiments.run import execute, interactive_terminal
 from experiments.validation import ValidatedRun, validate
@@ -219,8 +219,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        check_writable_directory(args.out, "--out")  # before minutes of training, not after
         runs = demo_runs(args.seeds, args.overrides, args.overwrite)
-    except (ConfigError, DatasetError) as error:
+    except (ConfigError, DatasetError, RunError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     pending = [run for run in runs if args.overwrite or not RunDirectory(run.path).is_complete()]

@@ -10,6 +10,9 @@ any module may use it.
 from __future__ import annotations
 
 import difflib
+import errno
+import os
+from pathlib import Path
 from typing import Any, Iterable
 
 
@@ -42,6 +45,30 @@ def require(ok: bool, key: str, message: str, value: Any) -> None:
     """Raise :class:`ConfigError` for ``key`` unless ``ok``; ``message`` states the valid range."""
     if not ok:
         raise ConfigError(key, f"{message}, got {value!r}")
+
+
+def check_writable_directory(path: Path | str, option: str, given: Path | str | None = None) -> Path:
+    """Raise :class:`RunError` naming ``option`` (and ``given``, its value where that is a
+    file in ``path``) unless files can be created in the directory ``path``, or where it does
+    not exist yet in its nearest existing ancestor, where it would be made; returns that
+    directory. A command checks its output before its work, not after it."""
+    path = Path(path)
+    given = path if given is None else given
+    existing = path.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(existing))
+        probe = existing / f".aadl-write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise RunError(
+            f"{option}={given}: cannot write to {existing} ({error.strerror or error}); "
+            f"choose a writable {'directory' if given == path else 'place'} for {option}"
+        ) from None
+    return existing
 
 
 def did_you_mean(name: str, known: Iterable[str]) -> str:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import math
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 from experiments.errors import require
+from experiments.ranges import check_reals
 from experiments.lr_scaling import register_resolvers
 from experiments.schema import OptimizerConfig
 
@@ -42,24 +42,9 @@ BASE_OPTIMIZERS: dict[str, BaseOptimizerSpec] = {
 def validate_optimizer(opt: OptimizerConfig) -> None:
     """Raise ConfigError for a value out of range or an option ``name`` would ignore."""
     require(opt.name in BASE_OPTIMIZERS, "optimizer.name", f"must be one of {sorted(BASE_OPTIMIZERS)}", opt.name)
-    finite = math.isfinite
-    require(finite(opt.lr) and opt.lr > 0, "optimizer.lr", "must be a finite number > 0", opt.lr)
-    require(
-        finite(opt.weight_decay) and opt.weight_decay >= 0,
-        "optimizer.weight_decay",
-        "must be a finite number >= 0",
-        opt.weight_decay,
-    )
-    require(finite(opt.eps) and opt.eps > 0, "optimizer.eps", "must be a finite number > 0", opt.eps)
-    require(
-        finite(opt.momentum) and opt.momentum >= 0, "optimizer.momentum", "must be a finite number >= 0", opt.momentum
-    )
-    require(
-        len(opt.betas) == 2 and all(0 <= b < 1 for b in opt.betas),
-        "optimizer.betas",
-        "must be two numbers in [0, 1)",
-        opt.betas,
-    )
+    # Each real value's interval is checked against experiments.ranges.FLOAT_RANGES.
+    check_reals(opt, "optimizer.")
+    require(len(opt.betas) == 2, "optimizer.betas", "must be two numbers in [0, 1)", opt.betas)
     require(
         not opt.nesterov or opt.momentum > 0,
         "optimizer.nesterov",

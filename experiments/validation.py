@@ -12,7 +12,6 @@ submitted, which need not be where it runs.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from experiments.methods import METHODS
 from experiments.methods.base import Method
 from experiments.optimizers import BASE_OPTIMIZERS, validate_optimizer
 from experiments.problems import PROBLEMS
+from experiments.ranges import check_reals
 from experiments.schema import BUDGET_KEYS, PRECISIONS, WARMUP_MODES, RunConfig, ScheduleConfig, TrainConfig
 
 
@@ -70,11 +70,14 @@ def validate(cfg: DictConfig) -> ValidatedRun:
     except (KeyError, ImportError) as error:
         raise ConfigError("experiment", error.args[0]) from None
     problem_config = _section(problem_cls.Config, run.problem, "problem.")
+    check_reals(problem_config, "problem.")
     method, method_sections = _validate_method(run.method)
     _validate_train(run.train, problem_cls)
     _validate_seed_group(run)
     validate_optimizer(run.optimizer)
+    check_reals(run.schedule, "schedule.")
     _validate_schedule(run.schedule)
+    _validate_output(run.output)
     require(
         not (run.train.precision == "fp16" and run.optimizer.name == "sgd" and run.optimizer.fused),
         "optimizer.fused",
@@ -129,6 +132,10 @@ def _validate_method(section: dict[str, Any]) -> tuple[Method, dict[str, Any]]:
         except ImportError as error:
             raise ConfigError(f"method.{key}", str(error)) from None
         method = method_cls.from_config(block, f"method.{key}.")
+        if dataclasses.is_dataclass(method.settings):
+            check_reals(method.settings, f"method.{key}.")
+        for device_key, device in method.devices().items():
+            _check_device_name(device_key, device, auto=False)
         resolved[key] = method.settings_dict()
         if key == name:
             chosen = method
@@ -225,11 +232,31 @@ def _validate_train(train: TrainConfig, problem_cls: type) -> None:
         f"must be one of {list(PRECISIONS)}",
         train.precision,
     )
+    _check_device_name("train.device", train.device, auto=True)
+
+
+def _check_device_name(key: str, device: str, *, auto: bool) -> None:
+    """The one rule for every device setting (``train.device``, a method's ``Method.devices``);
+    whether the device exists is the run's check (experiments.run.check_devices)."""
+    pattern = r"cpu|auto|cuda(:\d+)?" if auto else r"cpu|cuda(:\d+)?"
     require(
-        re.fullmatch(r"cpu|auto|cuda(:\d+)?", train.device) is not None,
-        "train.device",
-        "must be cpu, cuda, cuda:<index> or auto",
-        train.device,
+        isinstance(device, str) and re.fullmatch(pattern, device) is not None,
+        key,
+        f"must be cpu, cuda, cuda:<index>{' or auto' if auto else ''}",
+        device,
+    )
+
+
+def _validate_output(output: Any) -> None:
+    """``output.name`` becomes one directory under ``<root>/<experiment>/``: a separator or
+    ``..`` would write outside ``output.root``, and a hidden name runs every reader skips."""
+    name = output.name
+    require(
+        bool(name) and name not in (".", "..") and not name.startswith(".")
+        and not any(c in name for c in ("/", "\\", "\0")),
+        "output.name",
+        "must be one directory name: not empty, not starting with '.', without '/' or '\\'",
+        name,
     )
 
 
@@ -272,14 +299,7 @@ def _validate_schedule(schedule: ScheduleConfig) -> None:
         "cannot be combined with schedule.milestones; set one of them",
         schedule.every,
     )
-    require(0 < schedule.gamma <= 1, "schedule.gamma", "must be in (0, 1]", schedule.gamma)
     require(schedule.warmup >= 0, "schedule.warmup", "must be an integer >= 0", schedule.warmup)
-    require(
-        math.isfinite(schedule.warmup_start_lr) and schedule.warmup_start_lr >= 0,
-        "schedule.warmup_start_lr",
-        "must be a finite number >= 0",
-        schedule.warmup_start_lr,
-    )
     require(
         schedule.warmup_mode in WARMUP_MODES,
         "schedule.warmup_mode",

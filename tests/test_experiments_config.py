@@ -115,7 +115,6 @@ def test_every_contract_hyperparameter_is_overridable(compose, name, value):
         ("problem.activation=gelu", "problem.activation"),
         ("problem.validation_fraction=1.0", "problem.validation_fraction"),
         ("+problem.depth=3", "problem.depth"),
-        ("problem.width=wide", "problem.width"),
     ],
 )
 def test_out_of_range_values_are_rejected_naming_the_key(compose, override, key):
@@ -127,7 +126,8 @@ def test_out_of_range_values_are_rejected_naming_the_key(compose, override, key)
 
 @pytest.mark.parametrize(
     "override, named",
-    [("method.aadl.histroy=3", "method.aadl.histroy"), ("method.aadl.history=abc", "method.aadl.history"), ("train.epoch=5", "train.epoch")],
+    [("method.aadl.histroy=3", "method.aadl.histroy"), ("method.aadl.history=abc", "method.aadl.history"), ("train.epoch=5", "train.epoch"),
+     ("problem.width=wide", "problem.width"), ("problem.widht=8", "problem.widht")],
 )
 def test_typos_and_wrong_types_are_rejected_while_composing(compose, override, named):
     with pytest.raises(ConfigCompositionException) as error:

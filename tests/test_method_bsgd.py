@@ -330,7 +330,7 @@ def test_graduate_admissions_and_burgers_run_with_bsgd(compose, data_root, tmp_p
                                f"output.root={tmp_path}"))
     burgers = execute(compose("experiment=burgers2d", "method=bsgd", "optimizer.name=sgd", "optimizer.lr=0.01",
                               "schedule.every=null", "train.iterations=6", "train.eval_every=2", "problem.n_boundary=20",
-                              "problem.n_collocation=40", "problem.resample_every=2", "+problem.grid_x=8", "+problem.grid_t=3",
+                              "problem.n_collocation=40", "problem.resample_every=2", "problem.grid_x=8", "problem.grid_t=3",
                               f"output.root={tmp_path}"))
     for outcome, steps in ((graduate, 20), (burgers, 6)):
         assert outcome.status == "completed" and (outcome.path / "COMPLETE").is_file()

@@ -42,6 +42,7 @@ from matplotlib.figure import Figure
 
 from experiments.analysis import aggregate
 from experiments.analysis.aggregate import Results, ResultsError
+from experiments.errors import RunError, check_writable_directory
 from experiments.schema import DEFAULT_OUTPUT_ROOT as RUNS_ROOT
 
 DEFAULT_OUTPUT_ROOT = Path(RUNS_ROOT)
@@ -506,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
     try:
+        check_writable_directory(args.out, "--out")
         pool = aggregate.check_pool(args.pool)
         if args.command in FIGURES:
             report, name = _paper_figure(args.command, args.results, pool), args.command
@@ -515,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             report = sweep_report(args.results, metric=args.metric, x=args.x, pool=pool)
             name = args.name or f"{args.results.name}_sweep"
-    except ResultsError as error:
+    except (ResultsError, RunError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     report.publish(args.out, name)

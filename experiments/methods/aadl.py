@@ -64,6 +64,10 @@ class AADL(Method):
 
         return AndersonAcceleration(base, **self.settings.as_dict())
 
+    def devices(self) -> dict[str, str]:
+        device = self.settings.history_device
+        return {} if device is None else {f"method.{self.name}.history_device": device}
+
     def counter_values(self, optimizer: Any) -> dict[str, int]:
         stats = optimizer.stats.as_dict()
         return {name: int(stats[name]) for name in COUNTERS}

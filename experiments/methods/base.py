@@ -105,6 +105,12 @@ class Method(abc.ABC):
         this method cannot run with; called by ``experiments.validation.validate`` with the
         typed config (``RunConfig``), the problem's class and its typed section."""
 
+    def devices(self) -> dict[str, str]:
+        """The devices this method's settings place tensors on, by config key (e.g.
+        ``method.aadl.history_device``): the run checks that each exists on its machine, as
+        it checks ``train.device``, before anything is written."""
+        return {}
+
     def counter_values(self, optimizer: Any) -> dict[str, float]:
         """The current value of each of :attr:`counters`."""
         return {}

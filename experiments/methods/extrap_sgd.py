@@ -23,7 +23,6 @@ project's choice rather than the paper's.
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
@@ -33,6 +32,7 @@ from torch.optim import Optimizer
 from aadl.wrapper import OptimizerWrapper
 from experiments.errors import require
 from experiments.methods.base import Method
+from experiments.ranges import check_reals
 
 PERTURBATIONS = ("gradient", "previous", "gaussian")
 STATE_FORMAT = 1
@@ -52,8 +52,7 @@ class ExtrapolationSettings:
 
     def __post_init__(self) -> None:
         require(self.perturbation in PERTURBATIONS, "perturbation", f"must be one of {list(PERTURBATIONS)}", self.perturbation)
-        require(math.isfinite(self.rho) and self.rho >= 0, "rho", "must be a finite number >= 0", self.rho)
-        require(math.isfinite(self.noise_std) and self.noise_std > 0, "noise_std", "must be a finite number > 0", self.noise_std)
+        check_reals(self, "method.extrap_sgd.")  # rho, noise_std: experiments.ranges
 
 
 class ExtrapolatedOptimizer(OptimizerWrapper):

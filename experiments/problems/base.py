@@ -23,7 +23,7 @@ class Problem(abc.ABC):
     name: ClassVar[str]  # experiment name, e.g. "graduate_admissions"
     budget_unit: ClassVar[str]  # one of BUDGET_UNITS
     Config: ClassVar[type]  # dataclass for this problem's ``problem.*`` config section
-    datasets: ClassVar[tuple[Any, ...]] = ()  # experiments.data.TabularDataset files it reads
+    datasets: ClassVar[tuple[Any, ...]] = ()  # experiments.problems.tabular.TabularDataset files it reads
     # Whether the loss goes through the model's forward, so that DistributedDataParallel can
     # average the gradients (experiments/parallel.py); otherwise one all-reduce does.
     ddp: ClassVar[bool] = True

@@ -1,6 +1,6 @@
 """The graduate admissions data file: where it comes from and what a valid copy holds."""
 
-from experiments.data import TabularDataset
+from experiments.problems.tabular import TabularDataset
 
 GRADUATE_ADMISSIONS = TabularDataset(
     name="graduate_admissions",

@@ -16,7 +16,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from experiments.data import load_table
+from experiments.problems.tabular import load_table
 from experiments.errors import require
 from experiments.problems.graduate_admissions.data import GRADUATE_ADMISSIONS
 from experiments.problems.base import Problem

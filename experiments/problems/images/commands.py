@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from experiments.errors import HarnessError
+from experiments.errors import HarnessError, check_writable_directory
 
 
 def _root_argument(parser: argparse.ArgumentParser) -> None:
@@ -53,6 +53,7 @@ def _build(args: argparse.Namespace) -> int:
 
     out = Path(args.root) / args.name
     try:
+        check_writable_directory(args.root, "--root")
         tree = fm.build_tree(
             out, source=args.source, train_per_class=args.train_per_class, val_per_class=args.val_per_class,
             size=args.size, seed=args.seed, overwrite=args.overwrite,
