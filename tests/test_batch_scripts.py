@@ -153,15 +153,15 @@ def test_older_site_setup_file_is_refused_in_one_line(tmp_path):
 
 def test_ddp_sbatch_dry_run_defaults_and_cpu_mode():
     logs = f"{REPO_ROOT}/results/logs"
-    sbatch, srun = dry_run("slurm/ddp.sbatch")
+    sbatch, srun = dry_run("slurm/ddp.sbatch")  # site local: one CPU rank
     assert sbatch == [
-        "sbatch", "--parsable", "--job-name=aadl-ddp-burgers2d", "--nodes=1", "--ntasks-per-node=4",
-        "--cpus-per-task=4", "--time=01:00:00", "--signal=USR1@300", "--requeue", "--open-mode=append",
-        f"--output={logs}/%x-%j.out", f"--chdir={REPO_ROOT}", "--export=ALL", "--gpus-per-node=4",
+        "sbatch", "--parsable", "--job-name=aadl-ddp-burgers2d", "--nodes=1", "--ntasks-per-node=1",
+        "--cpus-per-task=1", "--time=01:00:00", "--signal=USR1@300", "--requeue", "--open-mode=append",
+        f"--output={logs}/%x-%j.out", f"--chdir={REPO_ROOT}", "--export=ALL", "--gpus-per-node=0",
         f"{REPO_ROOT}/slurm/ddp.sbatch",
     ]
     assert srun == [
-        "srun", "--ntasks=4", "--ntasks-per-node=4", "--cpus-per-task=4", "--kill-on-bad-exit=0",
+        "srun", "--ntasks=1", "--ntasks-per-node=1", "--cpus-per-task=1", "--kill-on-bad-exit=0",
         PYTHON, "-m", "experiments.run", "experiment=burgers2d", f"hydra.run.dir={logs}/hydra/${{SLURM_JOB_ID}}",
     ]
     sbatch, srun = dry_run(
@@ -173,6 +173,31 @@ def test_ddp_sbatch_dry_run_defaults_and_cpu_mode():
     assert {"--ntasks-per-node=2", "--account=abc", "--partition=cpu", "--output=/l/%x-%j.out"} <= set(sbatch)
     assert srun[:6] == ["srun", "--ntasks=6", "--ntasks-per-node=2", "--cpus-per-task=1", "--kill-on-bad-exit=0", "--mpi=pmix"]
     assert srun[6:] == [PYTHON, "-m", "experiments.run", "experiment=burgers100d", "hydra.run.dir=/l/hydra/${SLURM_JOB_ID}", "seed=3"]
+
+
+@pytest.mark.parametrize("site, variables, sbatch_has, srun_has", [
+    ("generic_slurm", {}, {"--partition=gpu", "--gpus-per-node=4", "--ntasks-per-node=4", "--cpus-per-task=4", "--time=02:00:00"},
+     {"--ntasks=8"}),
+    ("frontier", {"MEMBERWORK": "/lustre/mw", "ACCOUNT": "abc123"},
+     {"--partition=batch", "--account=abc123", "--gpus-per-node=8", "--ntasks-per-node=8", "--cpus-per-task=7",
+      "--output=/lustre/mw/aadl/logs/%x-%j.out"}, {"--ntasks=16", "--gpu-bind=closest", "output.root=/lustre/mw/aadl/results"}),
+    ("perlmutter", {"SCRATCH": "/pscratch/u", "ACCOUNT": "m1234_g"},
+     {"--qos=regular", "--constraint=gpu", "--account=m1234_g", "--gpus-per-node=4", "--ntasks-per-node=4", "--cpus-per-task=32"},
+     {"--ntasks=8", "--gpu-bind=closest", "output.root=/pscratch/u/aadl/results"}),
+])
+def test_ddp_sbatch_site_profiles(site, variables, sbatch_has, srun_has):
+    sbatch, srun = dry_run("slurm/ddp.sbatch", SITE=site, NODES="2", **variables)
+    assert sbatch_has <= set(sbatch), sbatch
+    assert srun_has <= set(srun), srun
+    assert not any(word.startswith("--partition") for word in sbatch) or site != "perlmutter"
+    eval_setup = subprocess.run([sys.executable, "-m", "experiments.site", site, "--shell"], cwd=REPO_ROOT, capture_output=True,
+                                text=True, env=script_env(**variables), check=True).stdout
+    assert ("SITE_SETUP=''" in eval_setup) == (site == "generic_slurm")
+
+
+def test_ddp_sbatch_site_selected_by_aadl_site():
+    sbatch, _ = dry_run("slurm/ddp.sbatch", AADL_SITE="generic_slurm")
+    assert "--partition=gpu" in sbatch
 
 
 def test_lsf_ddp_dry_run():
@@ -233,7 +258,7 @@ def test_sbatch_headers():
     assert options["--signal"] == "USR1@300"  # to the steps, not B: (which kills a plain child)
     assert "--requeue" in options and options["--open-mode"] == "append"
     assert options["--output"] == "results/logs/%x-%j.out"
-    assert options["--ntasks-per-node"] == options["--gpus-per-node"]
+    assert options["--ntasks-per-node"] == "1" and options["--gpus-per-node"] == "0"  # the local site's
 
 
 # -- LSF through the jsrun stand-in -------------------------------------------------------
