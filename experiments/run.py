@@ -47,7 +47,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.compose import CONFIG_DIR, CONFIG_NAME, expand_sweep, sweep_overrides
-from experiments.errors import ConfigError, DatasetError, HarnessError, RunError
+from experiments.errors import ConfigError, DatasetError, HarnessError, RunError, check_writable_directory
 from experiments import stopping
 # The signals that stop a run, its exit status when they did, and its exception (one class
 # for every module: experiments/stopping.py).
@@ -65,9 +65,9 @@ from experiments.results import (
 from experiments.validation import ValidatedRun, validate
 from experiments.world import WorldError
 
-from experiments.methods import register_settings_node
+from experiments.compose import register_settings_nodes
 
-register_settings_node()  # before @hydra.main composes: every method setting is overridable
+register_settings_nodes()  # before @hydra.main composes: every method and problem setting is overridable
 
 log = logging.getLogger("experiments.run")
 # Progress lines go to the run's log file always and to the console only in single runs: a
@@ -161,7 +161,7 @@ def execute(cfg: DictConfig, *, worker: bool = False, ranks: Ranks = Ranks()) ->
     target = final.overwrite_sibling if decision["overwrite"] else final
 
     device = torch.device(ranks.device) if ranks.device else resolve_device(settings.train.device)
-    check_device(device, settings.train.device)
+    check_devices(device, run)
     threads = torch_threads(settings, worker, ranks, run.problem_class)
     if threads:
         torch.set_num_threads(threads)
@@ -245,20 +245,7 @@ def checkpoint_identity(run: ValidatedRun, ranks: Ranks = Ranks()) -> dict[str, 
 
 def check_output(root: Path) -> None:
     """Raise RunError unless runs can be written under ``root`` with room to spare."""
-    existing = root.absolute()
-    while not existing.exists():
-        existing = existing.parent
-    try:
-        if not existing.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(existing))
-        probe = existing / f".aadl-write-test-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as error:
-        raise RunError(
-            f"output.root={root}: cannot write to {existing} ({error.strerror or error}); "
-            "choose a writable directory with output.root=<dir>"
-        ) from None
+    existing = check_writable_directory(root, "output.root")
     free = shutil.disk_usage(existing).free
     if free < MIN_FREE_BYTES:
         raise RunError(
@@ -268,19 +255,30 @@ def check_output(root: Path) -> None:
         )
 
 
-def check_device(device: Any, requested: str) -> None:
+def check_devices(device: Any, run: ValidatedRun) -> None:
+    """Raise RunError unless every device the run asks for exists here: the training device
+    (``device``, from train.device or the launcher) and each of the method's device
+    settings (``Method.devices``, e.g. method.aadl.history_device)."""
+    import torch
+
+    check_device(device, run.config.train.device)
+    for key, requested in run.method.devices().items():
+        check_device(torch.device(requested), requested, key)
+
+
+def check_device(device: Any, requested: str, key: str = "train.device") -> None:
     import torch
 
     if device.type == "cuda":
         if not torch.cuda.is_available():
+            where = ", or train.device=auto to take a GPU where there is one" if key == "train.device" else ""
             raise RunError(
-                f"train.device={requested}: no CUDA device is available here "
-                f"(torch {torch.__version__}, torch.cuda.is_available() is False); "
-                "use train.device=cpu, or train.device=auto to take a GPU where there is one"
+                f"{key}={requested}: no CUDA device is available here "
+                f"(torch.cuda.is_available() is False); use {key}=cpu{where}"
             )
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise RunError(
-                f"train.device={requested}: this machine has {torch.cuda.device_count()} CUDA "
+                f"{key}={requested}: this machine has {torch.cuda.device_count()} CUDA "
                 f"device(s), numbered from 0"
             )
 
@@ -488,6 +486,15 @@ class ValidateSweep(Callback):
             except (ConfigError, DatasetError) as error:
                 print(f"error: job {index} of {len(jobs)} ({' '.join(job)}): {error}", file=sys.stderr)
                 sys.exit(2)
+        if "submitit" not in str(config.hydra.launcher.get("_target_", "")):
+            # The jobs run on this machine: an unwritable output root stops the sweep here, in
+            # one line, rather than in every worker.
+            for root in sorted({run.config.output.root for run in runs}):
+                try:
+                    check_writable_directory(root, "output.root")
+                except RunError as error:
+                    print(f"error: {error}", file=sys.stderr)
+                    sys.exit(2)
         try:
             groups = seed_groups(jobs, runs)
         except ConfigError as error:

@@ -166,7 +166,7 @@ def execute_group(cfg: DictConfig, *, worker: bool = False, ranks: Any = None) -
     RunPreempted (naming the group's checkpoint folder) when a signal stopped it."""
     import torch
 
-    from experiments.run import RunOutcome, Ranks, check_device, check_output, interactive_terminal, torch_threads
+    from experiments.run import RunOutcome, Ranks, check_devices, check_output, interactive_terminal, torch_threads
     from experiments.training import resolve_device
 
     ranks = ranks or Ranks()
@@ -193,7 +193,7 @@ def execute_group(cfg: DictConfig, *, worker: bool = False, ranks: Any = None) -
 
     check_output(Path(settings.output.root))
     device = resolve_device(settings.train.device)
-    check_device(device, settings.train.device)
+    check_devices(device, group_run)
     threads = torch_threads(settings, worker, ranks, group_run.problem_class)
     if threads:
         torch.set_num_threads(threads)

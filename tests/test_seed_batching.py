@@ -35,12 +35,12 @@ PROBLEM_OVERRIDES = {
     "graduate_admissions": ("train.epochs=3", "method.aadl.average_threshold=0.5"),
     "burgers2d": (
         "experiment=burgers2d", "train.iterations=24", "train.eval_every=4", "problem.n_boundary=100",
-        "problem.n_collocation=400", "+problem.grid_x=32", "+problem.grid_t=11", "method.aadl.frequency=2",
+        "problem.n_collocation=400", "problem.grid_x=32", "problem.grid_t=11", "method.aadl.frequency=2",
         "method.aadl.store_every=1", "method.aadl.average_threshold=0.5",
     ),
     "burgers100d": (
         "experiment=burgers100d", "train.iterations=12", "train.eval_every=3", "problem.n_boundary=60",
-        "problem.n_collocation=120", "+problem.n_eval=100", "method.aadl.history=4", "method.aadl.average_threshold=1",
+        "problem.n_collocation=120", "problem.n_eval=100", "method.aadl.history=4", "method.aadl.average_threshold=1",
     ),
 }
 
@@ -271,7 +271,7 @@ def toy_problem():
 
 @pytest.mark.parametrize("method", ["method=none", "method=aadl_ma"])
 def test_a_diverging_seed_stops_at_its_own_step_while_the_others_go_on(compose, toy_problem, tmp_path, method):
-    overrides = (f"experiment={Diverging.name}", method, "train.iterations=20", "+problem.diverge_seed=2", "optimizer.lr=0.05",
+    overrides = (f"experiment={Diverging.name}", method, "train.iterations=20", "problem.diverge_seed=2", "optimizer.lr=0.05",
                  "method.aadl.history=3", "method.aadl.average_window=3")
     group, singles = train_both(compose, tmp_path, *overrides)
     assert [o.status for o in group] == ["completed", "completed", "diverged", "completed"] == [o.status for o in singles]
