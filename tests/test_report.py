@@ -554,3 +554,36 @@ def test_the_report_from_a_bundle_is_the_report_from_its_runs(tmp_path, monkeypa
     assert "| `results/runs/graduate_admissions/fig1` | 30 | 1 | 1 | 1 |" in bundled  # left-out runs counted alike
     for figure in Path("direct").glob("*.png"):
         assert (Path("bundled") / figure.name).read_bytes() == figure.read_bytes()
+
+
+def test_diverged_runs_count_as_failures_in_the_gap_claims(tmp_path):
+    root = write_gap_study(tmp_path, {"SGD": (0.90, 0.80), "SGD+AADL+MA": (0.90, 0.85)}, seeds=range(8), spread=0.002)
+    clean = judge(root, "fig4-ma-gap")
+    assert clean.verdict == "reproduced" and clean.headline.effect.estimate == pytest.approx(0.5, abs=0.05)
+    for seed in (8, 9, 10):  # the moving average diverges at the large batch on three more seeds, where SGD ran
+        for variant, batch in (("SGD", 128), ("SGD", 4096), ("SGD+AADL+MA", 128)):
+            write_run(root, variant=variant, seed=seed, val_loss=curve_to(0.15), experiment="fashion_resnet", name="fashion_gap",
+                      identity={"problem.local_batch": batch, "optimizer.lr": 0.05 * batch / 128},
+                      metrics={"val_top1": [0.90 if batch == 128 else 0.80] * 6})
+        write_run(root, variant="SGD+AADL+MA", seed=seed, val_loss=[1.0, 0.5, math.nan], experiment="fashion_resnet",
+                  name="fashion_gap", identity={"problem.local_batch": 4096, "optimizer.lr": 0.05 * 4096 / 128},
+                  metrics={"val_top1": [0.1, 0.5, math.nan]}, outcome="diverged")
+    messy = judge(root, "fig4-ma-gap")
+    counted, good_only = messy.rows[0], messy.rows[1]
+    assert "diverged runs scored as failures" in counted.comparison and not good_only.counted
+    # A diverged large-batch run scores the lowest top-1 compared (~0.80): no recovery on 3 of 11 seeds.
+    assert counted.effect.estimate == pytest.approx(0.5 * 8 / 11, abs=0.05) and counted.effect.n == 11
+    assert good_only.effect.estimate == pytest.approx(0.5, abs=0.05)
+
+
+def test_runs_of_two_code_versions_are_kept_apart_with_the_split_named(tmp_path):
+    exact_ratios(tmp_path, {"Adam": (20.0, 0.05), "Adam+AADL": (20.0, 0.05), "Adam+AADL+MA": 1.0})
+    for meta_file in (tmp_path / "graduate_admissions" / "fig1").glob("*/seed=*/meta.json"):
+        meta = json.loads(meta_file.read_text())
+        meta["git"] = {"commit": "aaaa" if meta["seed"] < 5 else "bbbb", "dirty": False}
+        meta_file.write_text(json.dumps(meta))
+    result = judge(tmp_path, "fig1-ma-tenfold")
+    assert result.headline.effect.n == 5 and "(code=aaaa)" in result.headline.comparison
+    assert any("not compared" in note and "code=bbbb" in note for note in result.notes)
+    text = report.Report(tmp_path).markdown({})
+    assert "Runs of 2 code versions are kept apart" in text and "aaaa (15), bbbb (15)" in text  # header: commits and runs

@@ -1061,15 +1061,23 @@ def gap_study(context: Context) -> GapStudy:
     raise NotRun("; ".join(reasons))
 
 
-def _gap_effect(gap: GapStudy, variant: str) -> tuple[Effect, Effect, list[Arm]]:
-    """(share of the base optimizer's gap that ``variant`` recovers, the base's gap, arms)."""
+def _gap_effect(gap: GapStudy, variant: str, failures: bool = False) -> tuple[Effect, Effect, list[Arm], bool]:
+    """(share of the base optimizer's gap that ``variant`` recovers, the base's gap, arms,
+    whether any run diverged). ``failures``: each diverged run scored as the lowest final
+    top-1 of the runs compared (higher is better here)."""
     measure = final(gap.top1)
-    (m_small, a1), (m_large, a2) = gap.values(variant, "small", measure), gap.values(variant, "large", measure)
-    (b_small, a3), (b_large, a4) = gap.values(gap.base, "small", measure), gap.values(gap.base, "large", measure)
+    ends = [(variant, "small"), (variant, "large"), (gap.base, "small"), (gap.base, "large")]
+    read = [gap.values(name, end, measure) for name, end in ends]
+    values = [series for series, _ in read]
+    failed = [diverged_seeds(gap.study.results, gap.config(name, end)["label"]) for name, end in ends]
+    if failures and any(failed):
+        negated, _ = with_failures({str(i): -series for i, series in enumerate(values)}, {str(i): f for i, f in enumerate(failed)})
+        values = [-negated[str(i)] for i in range(len(values))]
+    m_small, m_large, b_small, b_large = values
     base_gap = contrast([(1, b_large), (-1, b_small)])
     recovery = contrast([(1, m_large), (-1, m_small), (-1, b_large), (1, b_small)])
     share = recovery.scaled(1 / abs(base_gap.estimate)) if base_gap.estimate else recovery.scaled(math.nan)
-    return share, base_gap, [a1, a2, a3, a4]
+    return share, base_gap, [arm for _, arm in read], any(failed)
 
 
 def _gap_rows(context: Context, claim: Claim, variants: Callable[[GapStudy], list[str]], what: str) -> tuple[list[Row], list[str], str]:
@@ -1078,14 +1086,19 @@ def _gap_rows(context: Context, claim: Claim, variants: Callable[[GapStudy], lis
     if not chosen:
         raise NotRun(f"no complete runs of {what} in {gap.study.path}")
     rows, notes = [], list(gap.notes)
+    algorithm = (lambda variant: gap.algorithm(variant)) if claim.reference_command else (lambda variant: "")  # noqa: E731
     for variant in chosen:
-        share, base_gap, arms = _gap_effect(gap, variant)
-        row = measured(f"share of {gap.base}'s gap recovered by {variant}", share, claim.region, arms, source=str(gap.study.path),
-                       algorithm=gap.algorithm(variant) if claim.reference_command else "")
+        share, base_gap, arms, diverged = _gap_effect(gap, variant, failures=True)
+        name = f"share of {gap.base}'s gap recovered by {variant}"
+        row = measured(name + (", diverged runs scored as failures" if diverged else ""), share, claim.region, arms,
+                       source=str(gap.study.path), algorithm=algorithm(variant))
         if not (np.isfinite(base_gap.high) and base_gap.high < 0):
             row.verdict, row.reason = "inconclusive", f"no large-batch gap to recover: {gap.base}'s gap is {base_gap}"
             row.fixed = True
         rows.append(row)
+        if diverged:
+            good = _gap_effect(gap, variant)[0]
+            rows.append(measured(f"{name}, good runs only", good, claim.region, arms, False, str(gap.study.path), algorithm(variant)))
     notes.insert(0, _gap_note(gap))
     return rows, notes, str(gap.study.path)
 
