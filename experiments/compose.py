@@ -13,6 +13,9 @@ from typing import Sequence
 from omegaconf import DictConfig
 
 import experiments.schema  # noqa: F401  (registers run_schema with Hydra's ConfigStore)
+from experiments.site import register_resolver as register_site_resolver
+
+register_site_resolver()  # ${site:...} in configs/hydra/launcher/ (the site file's values)
 
 #: The Hydra config tree of ``python -m experiments.run``.
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"

@@ -168,6 +168,44 @@ def load_site(name: str | None = None) -> Site:
     return Site(name=name, **data)
 
 
+def sbatch_parameters(site: Site) -> dict[str, str]:
+    """The site's raw options (``--constraint=gpu``) and ``gpu_bind`` as submitit's
+    ``additional_parameters`` ({"constraint": "gpu", "gpu_bind": "closest"})."""
+    found: dict[str, str] = {}
+    for word in site.extra:
+        key, _, value = word.lstrip("-").partition("=")
+        if not word.startswith("--") or not key:
+            raise ConfigError(f"site {site.name!r}: extra", f"submitit takes --key=value options only, got {word!r}")
+        found[key.replace("-", "_")] = value or True
+    if site.gpu_bind:
+        found["gpu_bind"] = site.gpu_bind
+    return found
+
+
+def site_value(key: str) -> Any:
+    """``${site:<key>}`` in a config: a field of the site ``$AADL_SITE`` names (the Hydra
+    launcher presets read partition, account, time and GPUs here); ``time_minutes``,
+    ``setup`` (a list, submitit's) and ``sbatch_parameters`` are derived."""
+    site = load_site()
+    if key == "time_minutes":
+        return site.time_minutes
+    if key == "sbatch_parameters":
+        return sbatch_parameters(site)
+    if key in ("setup", "extra"):
+        return list(getattr(site, key))
+    if key not in {field.name for field in fields(Site)}:
+        raise ConfigError(f"${{site:{key}}}", f"one of {', '.join(field.name for field in fields(Site))}, time_minutes, sbatch_parameters")
+    return getattr(site, key)
+
+
+def register_resolver() -> None:
+    """Make ``${site:<key>}`` resolvable (idempotent)."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("site"):
+        OmegaConf.register_new_resolver("site", site_value, use_cache=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.site", description=__doc__.split("\n\n")[0])
     parser.add_argument("name", nargs="?", help=f"a site of configs/site/ (default: $AADL_SITE, else {DEFAULT_SITE})")

@@ -75,3 +75,27 @@ def test_unset_scratch_variable_is_refused_not_created(monkeypatch):
 def test_time_helpers():
     site = Site(name="x", time="1:30:01")
     assert (site.time_seconds, site.time_minutes) == (5401, 91)
+
+
+def launcher(monkeypatch, name: str, site: str):
+    from omegaconf import OmegaConf
+
+    from experiments.compose import compose
+
+    monkeypatch.setenv("AADL_SITE", site)
+    cfg = compose(f"hydra/launcher={name}", return_hydra_config=True)
+    return OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+
+
+def test_submitit_presets_read_the_site_not_srun_variables(monkeypatch, tmp_path):
+    monkeypatch.setenv("SCRATCH", str(tmp_path))
+    monkeypatch.setenv("SLURM_PARTITION", "ignored")  # srun's own input variable: not read any more
+    gpu = launcher(monkeypatch, "slurm_gpu", "perlmutter")
+    assert (gpu["partition"], gpu["qos"], gpu["timeout_min"], gpu["gpus_per_node"], gpu["tasks_per_node"], gpu["cpus_per_task"]) == \
+        (None, "regular", 120, 4, 4, 32)
+    assert gpu["setup"] == ["module load pytorch"]
+    assert gpu["additional_parameters"] == {"constraint": "gpu", "gpu_bind": "closest"}
+    cpu = launcher(monkeypatch, "slurm_cpu", "local")
+    assert (cpu["partition"], cpu["account"], cpu["timeout_min"], cpu["cpus_per_task"]) == (None, None, 60, 1)
+    frontier = launcher(monkeypatch, "slurm_gpu", "frontier")
+    assert (frontier["partition"], frontier["gpus_per_node"], frontier["cpus_per_task"]) == ("batch", 8, 7)
