@@ -249,6 +249,7 @@ class SeedGroupProblem:
         self.lanes = len(self.problems)
         self.name, self.budget_unit = first.name, first.budget_unit
         self.samples_per_step = getattr(first, "samples_per_step", None)
+        self.pure_loss = getattr(first, "pure_loss", False)  # experiments.step.KeptForward
         self.step_context = LaneStepContext
         self._stacked: Optional[tuple[tuple[Any, ...], Any]] = None  # (the lanes' batches, stacked)
 
@@ -319,9 +320,10 @@ class LaneStepContext(StepContext):
     def backward(self, batch: Any = None, *, sync: bool = True) -> torch.Tensor:
         batch = self.batch if batch is None else batch
         self.optimizer.zero_grad(set_to_none=True)
-        losses = self.problem.loss(self.net, batch)
+        kept = self.kept.take(batch, self.model) if self.kept is not None else None
+        losses = kept if kept is not None else self.problem.loss(self.net, batch)
         losses.sum().backward()
-        return losses
+        return losses.detach() if kept is not None else losses
 
 
 def build_group(problems: Sequence[Any], runs: Sequence[Any]) -> tuple[SeedGroupProblem, Any]:

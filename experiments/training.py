@@ -26,7 +26,7 @@ from experiments.optimizers import build_base_optimizer
 from experiments.parallel import DataParallel
 from experiments.problems.base import Problem
 from experiments.schema import ScheduleConfig
-from experiments.step import Precision, StepContext
+from experiments.step import KeptForward, Precision, StepContext
 
 #: Steps between checks of the on-device divergence flag (one host sync each) between
 #: evaluations, so a diverged run stops soon even when evaluations are far apart.
@@ -241,6 +241,7 @@ def train(
         precision = Precision.build(cfg.train.precision, device)
     batched = state.lanes is not None
     context_type = getattr(problem, "step_context", StepContext)
+    kept = KeptForward()  # a safeguard's last evaluation, for the next step's backward
 
     def agreed_first_nonfinite() -> int:
         first = parallel.max_int(int(state.first_nonfinite_step), device)
@@ -343,7 +344,7 @@ def train(
                 context = context_type(
                     problem=problem, net=net, model=model, optimizer=optimizer, parallel=parallel,
                     batch=parallel.local_batch(batch, problem), unit=unit, index=index,
-                    unit_data_state=state.unit_data_state, precision=precision,
+                    unit_data_state=state.unit_data_state, precision=precision, kept=kept,
                 )
                 loss = method.step(optimizer, context)
                 state.record_loss(loss)

@@ -240,6 +240,9 @@ class BurgersProblem(Problem):
     # torch threads of a single process where train.threads is unset (experiments.run.
     # torch_threads): under load from other processes 2 threads ran 4-12x slower than 1.
     threads: ClassVar[int] = 1
+    # The loss is a function of the parameters and the batch alone (no random draws, no
+    # buffers): a safeguard's evaluation can serve as the next step's forward (step.KeptForward).
+    pure_loss: ClassVar[bool] = True
 
     def __init__(self, cfg: Any, *, data_root: Path, seed: int, device: torch.device):
         super().__init__(
