@@ -84,3 +84,13 @@ class DataParallel:
         box = [value]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def all_gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` (a picklable object), in rank order, on every rank."""
+        if not self.active:
+            return [value]
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, value)
+        return gathered

@@ -46,6 +46,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from experiments.atomic import write_atomically
 from experiments.compose import CONFIG_DIR, CONFIG_NAME, expand_sweep, sweep_overrides
 from experiments.errors import ConfigError, DatasetError, HarnessError, RunError, check_writable_directory
 from experiments import stopping
@@ -179,23 +180,18 @@ def execute(cfg: DictConfig, *, worker: bool = False, ranks: Ranks = Ranks()) ->
 
     with (target.claim() if ranks.main else _held()) as claimed:
         finished = target is final and final.is_complete()  # finished meanwhile
-        saved = checkpoint.list_checkpoints(target.path, _rank_suffix(ranks)) if ranks.main else []
-        if ranks.main and not saved and checkpoint.any_checkpoints(target.path):
-            # Saved by another number of processes: load one to refuse it, naming what differs.
-            checkpoint.load(checkpoint.any_checkpoints(target.path)[-1], expected=checkpoint_identity(run, ranks))
-        status = parallel.broadcast(
-            {"claimed": claimed, "finished": finished, "resume_step": _step_of(saved[-1]) if saved else None}
-            if ranks.main else None
-        )
+        status = parallel.broadcast({"claimed": claimed, "finished": finished} if ranks.main else None)
         if not status["claimed"]:
             log.info("%s is being run by another process; skipping it", target.path)
             return RunOutcome(target.path, "busy")
         if status["finished"]:
             return RunOutcome(final.path, "skipped")
-        resume = None
-        if status["resume_step"] is not None:
-            path = checkpoint.checkpoint_path(target.path, status["resume_step"], _rank_suffix(ranks))
-            resume = checkpoint.load(path, expected=checkpoint_identity(run, ranks))
+        # The newest step every rank holds an intact copy of (verified), or a refusal on every rank.
+        resume, notes = checkpoint.resume(
+            target.path, expected=checkpoint_identity(run, ranks), rank=_rank_suffix(ranks), parallel=parallel
+        )
+        for note in notes:
+            log.warning(note)
         outcome = _train_into(
             target, run, problem, state, resume=resume, progress=progress, worker=worker, device=str(device),
             ranks=ranks, parallel=parallel,
@@ -232,10 +228,6 @@ def torch_threads(settings: Any, worker: bool, ranks: Ranks, problem_class: Any 
 def _rank_suffix(ranks: Ranks) -> Optional[int]:
     """The rank in checkpoint file names: none for a single process."""
     return ranks.rank if ranks.world_size > 1 else None
-
-
-def _step_of(path: Path) -> int:
-    return int(path.name.split("-")[1].split(".")[0])
 
 
 def checkpoint_identity(run: ValidatedRun, ranks: Ranks = Ranks()) -> dict[str, Any]:
@@ -399,7 +391,7 @@ def _train_into(
                 _record_end(directory, meta, "failed", error=repr(error))
                 raise
         outcome = "diverged" if result.diverged else "complete"
-        _write_atomically_torch(directory.file(FINAL_MODEL_FILE), state.model.state_dict(), torch)
+        write_atomically(directory.file(FINAL_MODEL_FILE), lambda handle: torch.save(state.model.state_dict(), handle))
         _record_end(directory, meta, outcome, final=result.last_row, diverged=result.diverged)
         directory.mark_finished(outcome, writer.rows, writer.last_step)
         if parallel is not None:
@@ -439,12 +431,6 @@ def _train_follower(directory, run, problem, state, resume, save_checkpoint, par
         raise RunPreempted(str(directory.path), stopped.reason, state.step) from None
     parallel.broadcast(None)  # rank 0 deletes the checkpoints once every rank is done
     return "diverged" if result.diverged else "completed"
-
-
-def _write_atomically_torch(path: Path, payload: Any, torch: Any) -> None:
-    temp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, temp)
-    os.replace(temp, path)
 
 
 def _record_end(directory: RunDirectory, meta: dict[str, Any], status: str, **fields: Any) -> None:

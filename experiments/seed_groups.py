@@ -240,8 +240,8 @@ def _variant_directory(run: ValidatedRun) -> Path:
 
 
 def _find_checkpoint(variant_dir: Path, training: list[int], group: list[int]) -> Optional[tuple[list[int], Path]]:
-    """(the lanes' seeds, the newest checkpoint) of the smallest saved group that holds
-    every seed of ``training`` and no seed outside ``group``; None where none does."""
+    """(the lanes' seeds, the folder) of the smallest saved group with checkpoints that
+    holds every seed of ``training`` and no seed outside ``group``; None where none does."""
     from experiments import checkpoint
 
     folder = variant_dir / GROUPS_DIRECTORY
@@ -257,11 +257,11 @@ def _find_checkpoint(variant_dir: Path, training: list[int], group: list[int]) -
             continue
         saved = checkpoint.list_checkpoints(path)
         if saved and set(training) <= set(lanes) <= set(group):
-            found.append((len(lanes), lanes, saved[-1]))
+            found.append((len(lanes), lanes, path))
     if not found:
         return None
-    _, lanes, newest = min(found, key=lambda item: item[0])
-    return lanes, newest
+    _, lanes, saved_folder = min(found, key=lambda item: item[0])
+    return lanes, saved_folder
 
 
 def _train_group(
@@ -274,7 +274,8 @@ def _train_group(
 
     from experiments import checkpoint
     from experiments.batching import build_group
-    from experiments.run import LOG_LINES, RunPreempted, _record_end, _write_atomically_torch, stop_on_signals
+    from experiments.atomic import write_atomically
+    from experiments.run import LOG_LINES, RunPreempted, _record_end, stop_on_signals
     from experiments.training import TrainingStopped, train
 
     cfg = group_run.config
@@ -285,12 +286,15 @@ def _train_group(
     found = _find_checkpoint(variant_dir, training, list(cfg.train.seed_group))
     lane_seeds = training
     if found is not None:
-        lanes, path = found
-        payload = checkpoint.load(path, expected={**expected, "seeds": lanes})
-        ended = {lanes[lane] for lane in payload["state"]["lanes_ended"]}
-        if ended & set(training) or not set(training) <= set(payload["written"]):
-            log.warning("%s does not hold every seed still to train as it left it; training the group from the start", path)
-        else:
+        lanes, saved_folder = found
+        # The newest verified checkpoint of the group (damaged ones set aside), or a refusal.
+        payload, notes = checkpoint.resume(saved_folder, expected={**expected, "seeds": lanes})
+        for note in notes:
+            log.warning(note)
+        ended = {lanes[lane] for lane in payload["state"]["lanes_ended"]} if payload is not None else set()
+        if payload is not None and (ended & set(training) or not set(training) <= set(payload["written"])):
+            log.warning("%s does not hold every seed still to train as it left it; training the group from the start", saved_folder)
+        elif payload is not None:
             lane_seeds, resume = lanes, payload
     folder = variant_dir / GROUPS_DIRECTORY / f"seeds={compact_seeds(lane_seeds)}"
     if resume is None:  # an unusable earlier attempt's checkpoints must not outrank this one's
@@ -340,7 +344,7 @@ def _train_group(
             return
         directory, seed = member.target, member.seed
         status = "diverged" if outcome.diverged else "complete"
-        _write_atomically_torch(directory.file(FINAL_MODEL_FILE), group.lane_model_state(state.model, lane), torch)
+        write_atomically(directory.file(FINAL_MODEL_FILE), lambda handle: torch.save(group.lane_model_state(state.model, lane), handle))
         _record_end(directory, member.meta, status, final=outcome.last_row, diverged=outcome.diverged)
         directory.mark_finished(status, member.writer.rows, member.writer.last_step)
         shutil.rmtree(directory.path / checkpoint.DIRECTORY, ignore_errors=True)  # a single attempt's
