@@ -100,6 +100,9 @@ def test_two_commits_and_two_kernel_levels_are_not_one_table_row(tmp_path, caplo
     assert everything.set_index("label")["runs"].to_dict() == {"Adam": 6, "Adam+AADL": 6}
     with pytest.raises(ResultsError, match="pool: 'commit' is none of code, kernels or all"):
         aggregate.load_results(tmp_path, pool=["commit"])
+    # A seed any version ran is not missing; one no version finished is, named per variant.
+    write_run(tmp_path, variant="Adam", seed=6, val_loss=[1.0, 0.6], complete=False, status="preempted")
+    assert aggregate.coverage_notes(aggregate.load_results(tmp_path)) == ["Missing: Adam: seed 6 incomplete; Adam+AADL: seed 6 not run."]
 
 
 def test_symlinked_run_directories_are_read_and_loops_named(tmp_path, caplog):

@@ -39,6 +39,7 @@ import json
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -1018,7 +1019,7 @@ def coverage_notes(results: Results, seeds: Sequence[int] | None = None, variant
         lacking = sorted(expected - have)
         if lacking:
             why = {seed: next((i.kind for i in issues if i.config_id == config_id and i.seed == seed), "not run") for seed in lacking}
-            notes.append(f"{' / '.join(labels)}: {_seed_reasons(why)}")
+            notes.append(f"{labels[0] if len(labels) == 1 else _without_provenance(labels[0])}: {_seed_reasons(why)}")
     present = set(configs["variant"])
     for variant in dict.fromkeys([*variants, *(i.variant for i in issues if i.variant)]):
         if variant in present:
@@ -1027,6 +1028,12 @@ def coverage_notes(results: Results, seeds: Sequence[int] | None = None, variant
         why.update({i.seed: i.kind for i in issues if i.variant == variant and i.seed is not None})
         notes.append(f"{variant}: no finished run ({_seed_reasons(why)})")
     return [f"Missing: {'; '.join(notes)}."] if notes else []
+
+
+def _without_provenance(label: str) -> str:
+    """A label without its code=/kernels= parts: "Adam (kernels=AVX2)" -> "Adam"."""
+    label = re.sub(rf"(, )?\b({'|'.join(PROVENANCE)})=[^,)]*", "", label).replace("(, ", "(")
+    return label.replace(" ()", "")
 
 
 def _seed_reasons(why: dict[int, str]) -> str:
