@@ -134,3 +134,19 @@ def test_run_directories_in_hidden_folders_are_named(tmp_path, caplog):
         results = aggregate.load_results(tmp_path)
     (issue,) = results.skipped
     assert issue.path == tmp_path / ".hidden" and "hidden folder holding 1 run directory" in issue.reason
+
+
+def test_the_batch_gap_table_refuses_runs_of_two_kernel_levels_unless_pooled(tmp_path, capsys):
+    from experiments.analysis import batch_gap
+    from run_trees import write_gap_study
+
+    write_gap_study(tmp_path, {"SGD": (0.80, 0.70), "SGD+AADL": (0.82, 0.76)}, seeds=range(3),
+                    methods={"SGD": ("none", 0)})
+    for index, meta_path in enumerate(sorted(tmp_path.rglob("meta.json"))):
+        meta = json.loads(meta_path.read_text())
+        meta["cpu_capability"] = "AVX2" if index % 2 else "AVX512"
+        meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ResultsError, match="several kernel levels AVX2, AVX512: a gap per variant pairs runs of one; pool them with --pool kernels"):
+        batch_gap.gap_table(aggregate.load_results(tmp_path))
+    pooled = batch_gap.gap_table(aggregate.load_results(tmp_path, pool=["kernels"]))
+    assert pooled.set_index("variant")["seeds"].to_dict() == {"SGD": 3, "SGD+AADL": 3}

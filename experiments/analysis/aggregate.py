@@ -95,7 +95,7 @@ class RunIssue:
     """A run left out of means and intervals, and why."""
 
     path: Path
-    kind: str  # "diverged", "incomplete" or "damaged"
+    kind: str  # "diverged", "incomplete", "damaged"; "skipped" (not read), "mixed" (resumed under other code or kernels)
     reason: str
     label: str | None = None  # diverged runs: the configuration they count against
     seed: int | None = None

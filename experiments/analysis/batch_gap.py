@@ -34,7 +34,13 @@ BATCH_KEY = "problem.local_batch"
 
 def gap_table(results: Results, metric: str = "val_top1", key: str = BATCH_KEY) -> pd.DataFrame:
     """One row per variant: final ``metric`` at the smallest and largest value of ``key``,
-    the paired gap and the paired change of the gap against the baseline variant."""
+    the paired gap and the paired change of the gap against the baseline variant. Rows are
+    per variant, so runs of several code versions or kernel levels are refused unless they
+    were loaded pooled (``aggregate.load_results(..., pool=...)``)."""
+    split = [key for key in results.provenance if key not in results.pooled]
+    if split:
+        listed = "; ".join(f"{aggregate.PROVENANCE_NAMES[k]} {', '.join(results.provenance[k])}" for k in split)
+        raise ResultsError(f"the runs are of several {listed}: a gap per variant pairs runs of one; pool them with --pool {','.join(split)}")
     if key not in results.runs:
         raise ResultsError(f"the runs do not record {key}: not a batch-size study")
     finals = aggregate.per_run(results, metric)
@@ -110,12 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key", default=BATCH_KEY)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--name", default="fashion_gap")
+    parser.add_argument("--pool", default="", metavar="code,kernels", help="pool runs of several code versions and/or kernel levels (code, kernels, all)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     from experiments.analysis.figures import curves_report
 
     try:
-        results = aggregate.load_results(args.results)
+        results = aggregate.load_results(args.results, pool=aggregate.check_pool(args.pool))
         table = gap_table(results, args.metric, args.key)
         report = curves_report(results, metric=args.metric, x="epoch", title="Fashion-MNIST ResNet-18: small vs. large batch", ylabel=f"validation {args.metric}")
     except ResultsError as error:
