@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -591,3 +592,15 @@ def test_runs_of_two_code_versions_are_kept_apart_with_the_split_named(tmp_path)
     assert any("not compared" in note and "code=bbbb" in note for note in result.notes)
     text = report.Report(tmp_path).markdown({})
     assert "Runs of 2 code versions are kept apart" in text and "aaaa (15), bbbb (15)" in text  # header: commits and runs
+
+
+def test_a_complete_preset_is_not_marked_and_other_methods_in_its_directory_do_not_complete_it(tmp_path):
+    top1 = {"SGD": (0.90, 0.80), "SGD+AADL": (0.90, 0.80), "SGD+AADL+MA": (0.90, 0.85)}
+    root = write_gap_study(tmp_path, top1, seeds=range(3), spread=0.002)
+    write_gap_study(root, {"SGD+MA": (0.90, 0.85)}, seeds=range(3), spread=0.002, methods={"SGD+MA": ("ma", 5)})
+    assert judge(root, "fig4-ma-gap").incomplete == ""  # 4 methods x 2 batches x 3 seeds: all 24 runs
+    for directory in (root / "fashion_resnet" / "fashion_gap").glob("SGD+MA-*"):  # the control at both batch sizes
+        shutil.rmtree(directory)
+    write_gap_study(root, {"SGD+EXTRAP": (0.90, 0.89)}, seeds=range(3), spread=0.002, methods={"SGD+EXTRAP": ("extrap_sgd", 4)})
+    marked = judge(root, "fig4-ma-gap").incomplete  # EXTRAP-SGD's six runs are not the preset's
+    assert marked.startswith("+paper=fashion_gap is not complete: 18 of its 24 runs finished")

@@ -842,7 +842,8 @@ def completeness(context: Context, claim: Claim) -> str:
             continue
         configs = study.results.configurations
         reference = name.endswith("_reference")
-        mine = [_belongs(config, reference) for _, config in configs.iterrows()]
+        methods = _method_names(source.methods)
+        mine = [_belongs(config, reference) and (not methods or config["method"] in methods) for _, config in configs.iterrows()]
         finished = int((configs.loc[mine, "seeds"] + configs.loc[mine, "diverged"]).sum()) if any(mine) else 0
         if reference and finished == 0:
             continue
@@ -850,6 +851,20 @@ def completeness(context: Context, claim: Claim) -> str:
             lines.append(f"+paper={name} is not complete: {finished} of its {source.expected} runs finished "
                          f"(`python -m experiments.status {name}` lists the missing)")
     return "; ".join(lines)
+
+
+def _method_names(choices: Sequence[str]) -> set[str]:
+    """The methods (``method.name``) of a preset's method choices (configs/method/<choice>.yaml)."""
+    from omegaconf import OmegaConf
+
+    names = set()
+    for choice in choices:
+        file = PRESET_DIR.parent / "method" / f"{choice}.yaml"
+        if file.is_file():
+            names.add(str(OmegaConf.load(file).get("name", choice)))
+        else:
+            names.add(choice)
+    return names
 
 
 def _belongs(config: pd.Series, reference: bool) -> bool:
