@@ -98,6 +98,8 @@ def test_two_commits_and_two_kernel_levels_are_not_one_table_row(tmp_path, caplo
     assert "Pooled across kernel levels on request (pool=kernels): AVX2 (8 runs), AVX512 (4 runs)." in notes
     everything = aggregate.summary(aggregate.load_results(tmp_path, pool="all"))
     assert everything.set_index("label")["runs"].to_dict() == {"Adam": 6, "Adam+AADL": 6}
+    assert set(everything["kernels"]) == {"AVX2 + AVX512 (pooled)"}  # the CSV says it too
+    assert set(everything["code"]) == {"1a2b3c4d + 5e6f7a8b (pooled)"}
     with pytest.raises(ResultsError, match="pool: 'commit' is none of code, kernels or all"):
         aggregate.load_results(tmp_path, pool=["commit"])
     # A seed any version ran is not missing; one no version finished is, named per variant.

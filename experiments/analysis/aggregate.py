@@ -636,6 +636,9 @@ def _collect(checks: Sequence[RunCheck], where: str, pool: tuple[str, ...] = (),
             log.warning("not averaged: %s", diverged[-1])
     good = [r for r in records if r["_kind"] == "good"]
     runs = pd.DataFrame([{k: v for k, v in r.items() if not k.startswith("_")} for r in good])
+    for key in pool:  # what each run was, where runs were pooled across it
+        if key in provenance_counts:
+            runs[key] = [r["_provenance"][key] for r in good]
     metrics = pd.concat([r["_metrics"].assign(run=r["run"], label=r["label"]) for r in good], ignore_index=True)
     return Results(metrics, runs, varying, _configurations(records), diverged, incomplete, damaged,
                    list(skipped), provenance_counts, tuple(k for k in pool if k in provenance_counts), mixed,
@@ -883,7 +886,8 @@ def summary(
     enter a row; the others are counted as diverged. The ratio is paired by seed: the
     geometric mean of the per-seed ratios over the seeds both configurations have, with
     its CI taken in log space (ratios are skewed; logs are not), so > 1 means lower than
-    the baseline; ``baseline_pairs`` says how many seeds it rests on.
+    the baseline; ``baseline_pairs`` says how many seeds it rests on. Where code versions or
+    kernel levels were pooled, a ``code``/``kernels`` column lists the values each row pools.
     """
     runs = per_run(results, metric, x, threshold)
     for name in also:
@@ -903,6 +907,8 @@ def summary(
         group = counted[counted.label == label]
         row: dict = {"label": label, "variant": config["variant"]}
         row.update({key: config[key] for key in results.varying})
+        for key in results.pooled:  # the values pooled in this row, so the CSV says it too
+            row[key] = " + ".join(sorted(set(results.runs.loc[results.runs["label"] == label, key]))) + " (pooled)"
         row["runs"] = len(group)
         row["diverged"] = int(config["diverged"] + lost.get(label, 0))
         row.update(_interval_columns("final", t_interval(group.final)))
@@ -923,7 +929,7 @@ def summary(
     table = pd.DataFrame(rows)
     targets = set(compared.values())
     shown = targets.pop() if len(targets) == 1 else ("the base optimizer" if targets else None)
-    table.attrs.update(metric=metric, x=x, threshold=threshold, baseline=shown, also=list(also))
+    table.attrs.update(metric=metric, x=x, threshold=threshold, baseline=shown, also=list(also), pooled=list(results.pooled))
     return table
 
 
