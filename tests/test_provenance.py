@@ -152,3 +152,19 @@ def test_the_batch_gap_table_refuses_runs_of_two_kernel_levels_unless_pooled(tmp
         batch_gap.gap_table(aggregate.load_results(tmp_path))
     pooled = batch_gap.gap_table(aggregate.load_results(tmp_path, pool=["kernels"]))
     assert pooled.set_index("variant")["seeds"].to_dict() == {"SGD": 3, "SGD+AADL": 3}
+
+
+def test_every_run_of_a_seed_group_records_its_job(compose, data_root, tmp_path, monkeypatch):
+    from experiments.run import execute
+
+    for name in JOB_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "500")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "7")
+    outcomes = execute(compose("method=none", "train.epochs=2", f"data.root={data_root}", f"output.root={tmp_path}",
+                               "train.seed_group=[0,1]", "seed=0"))
+    assert len(outcomes) == 2
+    for outcome in outcomes:
+        meta = json.loads((outcome.path / "meta.json").read_text())
+        assert meta["job"] == {"SLURM_ARRAY_JOB_ID": "500", "SLURM_ARRAY_TASK_ID": "7"}
+        assert meta["git"] == git_state(REPO_ROOT)
