@@ -13,6 +13,16 @@ On CPU it also profiles one iteration at each preset's settings and prints the s
 in matrix products (aten::mm, addmm, bmm, baddbmm) and what those products alone would cost
 for the whole preset: a floor that neither seed batching nor a leaner optimizer step can go
 below without changing the PINN's arithmetic.
+
+The limit, per preset (``--limit-only`` prints only this): the FLOPs of one iteration
+(``torch.utils.flop_counter``'s formulas), the project's iteration in its default derivative
+mode, in forward mode (the earlier default) and a plain autograd PINN written here on the
+same points and weights (DeepXDE's is not run: it is not a dependency), alternated round by
+round in this invocation; each one's achieved GFLOP/s, the machine's GEMM rate measured now
+at the iteration's own shapes and at large shapes, and the ratios. Then, per preset, a
+seed-batched iteration per lane (S lanes stacked, ``--lanes``) against one run's, and the
+AADL iteration at the preset's settings with the safeguard's kept forward reused
+(experiments.step.KeptForward) against evaluating again.
 """
 
 from __future__ import annotations
@@ -201,6 +211,180 @@ def report_presets(timings, presets: list[Preset], parallel_runs) -> None:
             )
 
 
+# -- the limit: FLOPs, achieved rate, GEMM rate, peers ------------------------------------------
+
+
+def plain_autograd_pinn(model: torch.nn.Module) -> torch.nn.Sequential:
+    """``model``'s weights copied into an nn.Sequential of nn.Linear and activations."""
+    activation = torch.nn.Tanh if model.activation.name == "tanh" else torch.nn.ReLU
+    layers: list[torch.nn.Module] = []
+    for linear in model.linears:
+        layers += [torch.nn.Linear(linear.in_features, linear.out_features), activation()]
+    net = torch.nn.Sequential(*layers[:-1])
+    with torch.no_grad():
+        for mine, theirs in zip(net[::2], model.linears, strict=True):
+            mine.weight.copy_(theirs.weight)
+            mine.bias.copy_(theirs.bias)
+    return net
+
+
+def plain_autograd_loss(problem: BurgersProblem, net: torch.nn.Sequential, batch, curvature: bool) -> Tensor:
+    """The PINN loss as a user writes it: u, one autograd.grad for (u_x..., u_t), one more
+    per Laplacian coordinate when the activation has curvature, then MSE_u + MSE_f."""
+    d = problem.spatial_dims
+    x = batch.collocation_points.clone().requires_grad_(True)
+    u = net(x)[:, 0]
+    (grad,) = torch.autograd.grad(u.sum(), x, create_graph=True)
+    laplacian = torch.zeros_like(u)
+    if curvature:
+        for i in range(d):
+            laplacian = laplacian + torch.autograd.grad(grad[:, i].sum(), x, create_graph=True)[0][:, i]
+    residual = grad[:, d] + u * grad[:, :d].sum(1) - problem.cfg.nu * laplacian - batch.forcing
+    misfit = net(batch.data_points)[:, 0] - batch.data_values
+    return misfit.square().mean() + residual.square().mean()
+
+
+def plain_autograd_iteration(problem: BurgersProblem, model: torch.nn.Module, batch) -> Callable[[], None]:
+    """One plain autograd PINN iteration (loss, backward, Adam) on ``model``'s weights."""
+    net = plain_autograd_pinn(model)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    curvature = model.activation.has_curvature
+
+    def step():
+        optimizer.zero_grad()
+        plain_autograd_loss(problem, net, batch, curvature).backward()
+        optimizer.step()
+
+    return step
+
+
+def gemm_gflops(m: int, k: int, n: int, repeats: int) -> float:
+    """GFLOP/s of (m, k) @ (k, n) in float32 on CPU, median of ``repeats``."""
+    a, b = torch.rand(m, k), torch.rand(k, n)
+    calls = max(1, int(2e8 // (2 * m * k * n)))  # about 0.2 GFLOP per sample
+
+    def run():
+        for _ in range(calls):
+            torch.mm(a, b)
+
+    return 2 * m * k * n * calls / median_seconds(run, torch.device("cpu"), repeats) / 1e9
+
+
+def alternated(calls: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
+    """Median seconds of each call, timed in turn round after round (one warm-up round)."""
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for round_ in range(rounds + 1):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            if round_:
+                samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def report_limit(presets: list[Preset], repeats: int) -> None:
+    from experiments.problems.burgers.pinn import counted_flops
+
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"\nthe limit per preset (1 thread, alternated over {repeats} rounds, medians; load average {load})")
+    large = gemm_gflops(1024, 1024, 1024, 5)
+    for preset in presets:
+        problem = make(preset.problem, torch.device("cpu"), activation=preset.activation)
+        forward = make(preset.problem, torch.device("cpu"), activation=preset.activation, derivatives="forward")
+        model = problem.build_model()
+        (batch,) = problem.batches(1)
+        iterations = {}
+        for name, p in ((f"project ({problem.derivative_method})", problem), ("project (forward, before)", forward)):
+            copy = p.build_model()
+            copy.load_state_dict(model.state_dict())
+            optimizer = torch.optim.Adam(copy.parameters(), lr=1e-3)
+
+            def step(p=p, copy=copy, optimizer=optimizer):
+                optimizer.zero_grad()
+                p.loss(copy, batch).backward()
+                optimizer.step()
+
+            iterations[name] = step
+        iterations["plain autograd PINN"] = plain_autograd_iteration(problem, model, batch)
+        flops = {}
+        for name, step in iterations.items():
+            flops[name] = counted_flops(step)
+        seconds = alternated(iterations, repeats)
+        points = batch.collocation_points.shape[0] + batch.data_points.shape[0]
+        own = gemm_gflops(points, problem.cfg.width, problem.cfg.width, 5)
+        print(f"{preset.figure} ({preset.problem.name}, {preset.activation}): GEMM {own:.1f} GFLOP/s at "
+              f"({points} x {problem.cfg.width}) @ ({problem.cfg.width} x {problem.cfg.width}), {large:.1f} at 1024^3")
+        print(f"  {'iteration':<28} {'MFLOP':>8} {'ms':>8} {'GFLOP/s':>8} {'/GEMM here':>10} {'/GEMM large':>11} {'time / project':>15}")
+        reference = seconds[next(iter(iterations))]
+        for name in iterations:
+            rate = flops[name] / seconds[name] / 1e9
+            print(f"  {name:<28} {flops[name] / 1e6:>8.1f} {seconds[name] * 1e3:>8.2f} {rate:>8.2f} "
+                  f"{rate / own:>10.0%} {rate / large:>11.0%} {seconds[name] / reference:>14.2f}x")
+
+
+def report_seed_batching(presets: list[Preset], lanes: int, repeats: int) -> None:
+    """One seed-batched iteration per lane (the stacked loss, backward, Adam over the stacked
+    parameters) against one run's iteration in the default and in forward mode."""
+    from experiments.batching import SeedStack, stack_batches
+
+    print(f"\nseed-batched iteration per lane, {lanes} lanes, against one run's (medians of {repeats} alternated rounds)")
+    for preset in presets:
+        problems = [preset.problem(preset.problem.Config(activation=preset.activation), data_root=Path("."), seed=s, device="cpu") for s in range(lanes)]
+        models = []
+        for seed, p in enumerate(problems):
+            torch.manual_seed(seed)
+            models.append(p.build_model())
+        stack = SeedStack(models)
+        batch = stack_batches([p.batches(1)[0] for p in problems])
+        stacked_optimizer = torch.optim.Adam(stack.parameters(), lr=1e-3)
+
+        def batched():
+            stacked_optimizer.zero_grad()
+            problems[0].batched_loss(models[0], stack.tensors(), batch).sum().backward()
+            stacked_optimizer.step()
+
+        forward = make(preset.problem, torch.device("cpu"), activation=preset.activation, derivatives="forward")
+        calls = {"batched": batched, "single": training_iteration(problems[0])[0], "single forward": training_iteration(forward)[0]}
+        seconds = alternated(calls, repeats)
+        per_lane = seconds["batched"] / lanes
+        print(f"{preset.figure}: batched {per_lane * 1e3:.2f} ms per lane, single {seconds['single'] * 1e3:.2f} ms "
+              f"({seconds['single'] / per_lane:.2f}x), single forward mode {seconds['single forward'] * 1e3:.2f} ms "
+              f"({seconds['single forward'] / per_lane:.2f}x)")
+
+
+def report_safeguard_reuse(presets: list[Preset], steps: int) -> None:
+    """The AADL iteration at the preset's settings (the harness's step: backward, then the
+    safeguard's closure) with the kept candidate's forward reused and without, alternated
+    step by step on two copies (their trajectories are identical bit for bit)."""
+    from experiments.compose import compose as compose_config
+    from experiments.step import KeptForward, StepContext
+    from experiments.training import build_state
+    from experiments.parallel import DataParallel
+    from experiments.validation import validate
+
+    print(f"\nAADL iteration with the safeguard's kept forward reused, {steps} steps alternated (medians)")
+    for preset in presets:
+        run = validate(compose_config(f"+paper={preset.name}", "method=aadl"))
+        variants = {}
+        for reuse in (True, False):
+            problem = run.problem_class(run.problem_config, data_root=Path("."), seed=0, device=torch.device("cpu"))
+            state = build_state(problem, run)
+            variants[reuse] = (problem, state, KeptForward() if reuse else None)
+        samples = {True: [], False: []}
+        for step in range(1, steps + 1):
+            for reuse, (problem, state, kept) in variants.items():
+                (batch,) = problem.batches(step)
+                context = StepContext(problem=problem, net=state.model, model=state.model, optimizer=state.optimizer,
+                                      parallel=DataParallel(), batch=batch, unit=step, index=0, unit_data_state=None, kept=kept)
+                start = time.perf_counter()
+                run.method.step(state.optimizer, context)
+                samples[reuse].append(time.perf_counter() - start)
+        accepted = variants[True][1].optimizer.stats.aa_accepted
+        with_reuse, without = (statistics.median(samples[r][2:]) for r in (True, False))
+        print(f"{preset.figure} (p={preset.frequency}): {with_reuse * 1e3:.2f} ms with reuse, {without * 1e3:.2f} without "
+              f"({without / with_reuse:.2f}x); {accepted} of {steps} steps kept the AA candidate")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -218,12 +402,23 @@ def main() -> None:
             default=preset.budget,
             help=f"{preset.figure} iterations (default: the preset's, {preset.budget})",
         )
+    parser.add_argument("--limit-only", action="store_true", help="print only the limit, batching and reuse tables")
+    parser.add_argument("--lanes", type=int, default=10, help="seeds per batched iteration (default: 10)")
+    parser.add_argument("--reuse-steps", type=int, default=60, help="AADL steps timed with and without reuse (default: 60)")
     args = parser.parse_args()
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
     presets = [replace(p, budget=getattr(args, f"budget_{p.name}")) for p in presets]
     cores = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+        report_limit(presets, args.repeats)
+        report_seed_batching(presets, args.lanes, max(3, args.repeats // 4))
+        report_safeguard_reuse(presets, args.reuse_steps)
+        print()
+    if args.limit_only:
+        return
 
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)

@@ -302,6 +302,14 @@ def test_auto_picks_the_mode_with_fewer_flops(problem_class, activation, expecte
     assert make(problem_class, activation=activation, derivatives="forward").derivative_method == "forward"
 
 
+def test_auto_resolves_under_no_grad_too():
+    # The first loss of a run may be the step-0 evaluation, under torch.no_grad().
+    problem = make(Burgers2D, activation="tanh", n_collocation=50, n_boundary=10)
+    with torch.no_grad():
+        problem.loss(problem.build_model(), problem.batches(1)[0])
+    assert problem.derivative_method == "reverse"
+
+
 def test_forward_mode_is_what_the_problem_computed_before_reverse_mode():
     # problem.derivatives=forward keeps the earlier runs' arithmetic: the forward Laplacian.
     from experiments.problems.burgers.pinn import forward_laplacian

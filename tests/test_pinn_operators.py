@@ -204,3 +204,44 @@ def test_the_benchmarks_matrix_product_floor_is_part_of_the_iteration_it_profile
     assert 0 < products < step
     presets = {preset.name: preset for preset in map(benchmark.Preset.load, benchmark.PRESET_NAMES)}
     assert presets["fig2"].activation == "relu" and presets["fig2"].budget == 2000
+
+
+def _benchmark():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "pinn_step.py"
+    spec = importlib.util.spec_from_file_location("pinn_step_benchmark", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = benchmark  # its dataclasses look it up
+    spec.loader.exec_module(benchmark)
+    return benchmark
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_the_benchmarks_plain_autograd_peer_computes_the_projects_loss_with_its_flops(activation):
+    """benchmarks/pinn_step.py's peer is the same PINN written plainly: the same loss on the
+    same weights and points, and in reverse mode the project's iteration counts the peer's
+    FLOPs (to 1%) and fewer than forward mode's (Burgers 2d)."""
+    from experiments.problems.burgers.pinn import counted_flops
+    from experiments.problems.burgers.problem import Burgers2D
+
+    benchmark = _benchmark()
+    problem = benchmark.make(Burgers2D, torch.device("cpu"), activation=activation, n_collocation=64, n_boundary=16)
+    forward = benchmark.make(Burgers2D, torch.device("cpu"), activation=activation, n_collocation=64, n_boundary=16, derivatives="forward")
+    model = problem.build_model()
+    (batch,) = problem.batches(1)
+    net = benchmark.plain_autograd_pinn(model)
+    curvature = model.activation.has_curvature
+    peer = benchmark.plain_autograd_loss(problem, net, batch, curvature)
+    torch.testing.assert_close(peer, problem.loss(model, batch), rtol=1e-6, atol=0)
+    flops = {
+        "peer": counted_flops(lambda: benchmark.plain_autograd_loss(problem, net, batch, curvature).backward()),
+        "reverse": counted_flops(lambda: problem.loss(model, batch).backward()),
+        "forward": counted_flops(lambda: forward.loss(model, batch).backward()),
+    }
+    assert problem.derivative_method == "reverse"
+    # (the project adds only the (N, 2) x (2, 2) product of the directional derivatives)
+    assert flops["reverse"] == pytest.approx(flops["peer"], rel=0.01) and flops["reverse"] < flops["forward"]
+    assert benchmark.gemm_gflops(64, 20, 20, 1) > 0

@@ -236,8 +236,9 @@ def iteration_flops(
     directions[:n_directions, :].fill_diagonal_(1)
 
     def iteration() -> None:
-        d = input_derivatives(mlp, x, directions, laplacian_dims, method)
-        (d.value.square().sum() + d.directional.square().sum() + d.laplacian.square().sum()).backward()
+        with torch.enable_grad():  # counted for training, also when first asked under no_grad
+            d = input_derivatives(mlp, x, directions, laplacian_dims, method)
+            (d.value.square().sum() + d.directional.square().sum() + d.laplacian.square().sum()).backward()
 
     return counted_flops(iteration) // _COUNTED_POINTS
 
