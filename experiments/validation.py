@@ -81,9 +81,8 @@ def validate(cfg: DictConfig) -> ValidatedRun:
     require(
         not (run.train.precision == "fp16" and run.optimizer.name == "sgd" and run.optimizer.fused),
         "optimizer.fused",
-        "fused SGD mishandles the fp16 loss scaler's skipped steps (torch 2.14 on CPU: after "
-        "them its parameters reach 1e14 or stay finite from one call to the next); set "
-        "optimizer.fused=null with train.precision=fp16",
+        "fused SGD mishandles the fp16 loss scaler's skipped steps (on CPU its parameters can "
+        "reach 1e14 after one); set optimizer.fused=null with train.precision=fp16",
         run.optimizer.fused,
     )
     method.check(run, problem_cls, problem_config)

@@ -18,6 +18,7 @@ import torch
 
 from experiments.problems.tabular import load_table
 from experiments.errors import require
+from experiments.ranges import check_reals
 from experiments.problems.graduate_admissions.data import GRADUATE_ADMISSIONS
 from experiments.problems.base import Problem
 
@@ -35,12 +36,7 @@ class GraduateAdmissionsConfig:
 
     def __post_init__(self) -> None:
         require(self.batch_size >= 1, "problem.batch_size", "must be an integer >= 1", self.batch_size)
-        require(
-            0 < self.validation_fraction < 1,
-            "problem.validation_fraction",
-            "must be in (0, 1)",
-            self.validation_fraction,
-        )
+        check_reals(self, "problem.")  # validation_fraction: experiments.ranges
         require(self.split_seed >= 0, "problem.split_seed", "must be an integer >= 0", self.split_seed)
         require(self.hidden_layers >= 1, "problem.hidden_layers", "must be an integer >= 1", self.hidden_layers)
         require(self.width >= 1, "problem.width", "must be an integer >= 1", self.width)

@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Iterator, Optional
 import torch
 
 from experiments.errors import ConfigError, require
+from experiments.ranges import check_reals
 from experiments.problems.base import Problem
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -38,9 +39,7 @@ IMAGENET_HOW_TO = (
 def _check_common(cfg: Any) -> None:
     require(cfg.local_batch >= 1, "problem.local_batch", "must be an integer >= 1", cfg.local_batch)
     require(cfg.workers >= 0, "problem.workers", "must be an integer >= 0 (0: load in the training process)", cfg.workers)
-    require(
-        0 <= cfg.label_smoothing < 1, "problem.label_smoothing", "must be a number in [0, 1)", cfg.label_smoothing
-    )
+    check_reals(cfg, "problem.")  # label_smoothing: experiments.ranges
     require(
         cfg.eval_every_steps is None,
         "problem.eval_every_steps",

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from experiments.errors import require
+from experiments.ranges import check_reals
 from experiments.problems.base import Problem
 
 #: ``problem.dtype`` -> the parameter and sample dtype (float64: formulas hold to ~1e-15).
@@ -54,9 +55,7 @@ class MeanEstimationConfig:
 
     def __post_init__(self) -> None:
         require(self.dims >= 1, "problem.dims", "must be an integer >= 1", self.dims)
-        require(np.isfinite(self.mean), "problem.mean", "must be a finite number", self.mean)
-        require(np.isfinite(self.std) and self.std >= 0, "problem.std", "must be a finite number >= 0", self.std)
-        require(np.isfinite(self.initial), "problem.initial", "must be a finite number", self.initial)
+        check_reals(self, "problem.")  # mean, std, initial: experiments.ranges
         require(self.batch_size >= 1, "problem.batch_size", "must be an integer >= 1", self.batch_size)
         require(self.n_validation >= 1, "problem.n_validation", "must be an integer >= 1", self.n_validation)
         require(self.dtype in DTYPES, "problem.dtype", f"must be one of {sorted(DTYPES)}", self.dtype)
