@@ -128,7 +128,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for sig in (*STOP_SIGNALS, signal.SIGHUP):
             signal.signal(sig, forward)
         status = process.wait()
-        return job_status(status, rank_statuses(Path(folder)))
+        ranks = rank_statuses(Path(folder))
+        result = job_status(status, ranks)
+        if result == PREEMPTED_EXIT:
+            print(
+                f"experiments.torchrun: all {len(ranks)} rank(s) checkpointed and exited {PREEMPTED_EXIT} (preempted; "
+                f"torchrun itself exited {status}): exiting {PREEMPTED_EXIT}, rerun the same command to resume",
+                file=sys.stderr, flush=True,
+            )
+        return result
 
 
 if __name__ == "__main__":

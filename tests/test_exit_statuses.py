@@ -1,8 +1,9 @@
 """Preempted means exit status 75 for every way a run is started (experiments/stopping.py):
 a signal while Python starts, a seed group, a batched multirun worker, one signalled
 worker of a sweep, torchrun through python -m experiments.torchrun (and its ranks ending
-when the agent is killed), and a multirun under several ranks refused in one line. Real
-processes: python -m experiments.run, Hydra's joblib workers, torchrun with gloo."""
+when the agent is killed), mpirun, the wrapper in an srun step of the real Slurm, and a
+multirun under several ranks refused in one line. Real processes: python -m
+experiments.run, Hydra's joblib workers, torchrun and mpirun with gloo, sbatch/srun."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import pytest
 from conftest import REPO_ROOT, lines_of
 from experiments.stopping import PREEMPTED_EXIT
 from experiments.torchrun import job_status
+from slurm_cluster import slurm  # noqa: F401  (the fixture)
 
 ENV = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "CI": "1"}
 LONG = ("train.epochs=100000",)
@@ -198,6 +200,7 @@ def test_kill_9_of_torchrun_alone_ends_its_ranks_as_preempted(data_root, tmp_pat
     assert any("rank0" in n for n in names) and any("rank1" in n for n in names), names
 
 
+@pytest.mark.slow  # the same refusal as the test above with torchrun's variables, through torchrun itself
 @pytest.mark.distributed
 def test_a_multirun_under_torchrun_is_refused_and_runs_nothing(data_root, tmp_path):
     done = subprocess.run(
@@ -208,3 +211,56 @@ def test_a_multirun_under_torchrun_is_refused_and_runs_nothing(data_root, tmp_pa
     assert done.returncode != 0
     assert "error: a multirun (-m) cannot run on 2 ranks (torchrun" in done.stderr, done.stderr[-3000:]
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow  # docs/distributed.md's mpirun row
+@pytest.mark.distributed
+def test_usr1_to_mpirun_checkpoints_both_ranks_and_mpirun_exits_75(data_root, tmp_path, end_all):
+    import shutil
+
+    mpirun = shutil.which("mpirun")
+    if mpirun is None:
+        pytest.fail("mpirun is not installed: run .ci/system-packages (Debian's Open MPI)")
+    root = tmp_path / "runs"
+    process = subprocess.Popen(
+        [mpirun, "--allow-run-as-root", "--oversubscribe", "-np", "2", sys.executable, "-m", "experiments.run", *TWO_RANKS[4:],
+         f"output.root={root}", f"hydra.run.dir={root / 'h'}"],
+        cwd=REPO_ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    end_all(psutil.Process(process.pid))
+    (metrics,) = _wait_for_runs(root, 1, timeout=120)
+    process.send_signal(signal.SIGUSR1)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == PREEMPTED_EXIT, stderr[-3000:]
+    assert _status(metrics.parent) == "preempted"
+
+
+@pytest.mark.slow  # docs/distributed.md's srun + wrapper command
+@pytest.mark.slurm
+@pytest.mark.distributed
+def test_the_torchrun_wrapper_in_an_srun_step_ends_the_job_75_on_scancel_usr1(data_root, tmp_path, slurm):  # noqa: F811
+    import shlex
+
+    root = tmp_path / "runs"
+    arguments = " ".join(shlex.quote(a) for a in (*TWO_RANKS, f"output.root={root}", f"hydra.run.dir={root / 'h'}"))
+    script = f"""#!/bin/bash
+#SBATCH -n 1
+#SBATCH -c 2
+#SBATCH -t 5
+cd {shlex.quote(str(REPO_ROOT))}
+export OMP_NUM_THREADS=1 CI=1 GLOO_SOCKET_IFNAME=lo
+trap 'echo batch shell got USR1' USR1
+rc=0
+srun -n 1 -c 2 {shlex.quote(sys.executable)} -m experiments.torchrun {arguments} || rc=$?
+echo "srun exited $rc"
+exit $rc
+"""
+    job = slurm.submit(script, cwd=tmp_path, extra_args=("-o", str(tmp_path / "job.out")))
+    (metrics,) = _wait_for_runs(root, 1, timeout=180)
+    slurm.cancel(job, "USR1")
+    end = slurm.wait(job, timeout=180)
+    log = (tmp_path / "job.out").read_text()
+    assert end.exit_code == PREEMPTED_EXIT and "srun exited 75" in log, log[-3000:]
+    assert _status(metrics.parent) == "preempted"
+    names = sorted(p.name for p in (metrics.parent / "checkpoints").iterdir())
+    assert any("rank0" in n for n in names) and any("rank1" in n for n in names), names
