@@ -18,10 +18,20 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-# The Gram route squares the condition number: cond(G) = cond(dR)^2. Past 1e10 (about
-# 1e-6 relative error left in float64) the normal equations are not trusted and the
-# caller falls back to the QR route.
-GRAM_MAX_CONDITION = 1e10
+# The Gram route squares the condition number, cond(G) = cond(dR)^2, and the relative
+# forward error of its coefficients is about u cond(G) (u: float64's unit roundoff), where
+# QR's is about u cond(dR) plus the residual's term, which both routes share. The normal
+# equations are trusted only while that estimate is at most GRAM_ERROR_BOUND, so where the
+# gram route answers its coefficients agree with QR's to about that bound; past it the
+# caller falls back to QR. Read at call time by every wrapper (tests lower it).
+UNIT_ROUNDOFF = float(np.finfo(np.float64).eps) / 2
+GRAM_ERROR_BOUND = 1e-10
+GRAM_MAX_CONDITION = GRAM_ERROR_BOUND / UNIT_ROUNDOFF  # about 9.0e5
+
+
+def gram_error_estimate(condition_of_gram: float) -> float:
+    """Estimated relative forward error of the normal equations' coefficients."""
+    return UNIT_ROUNDOFF * condition_of_gram
 # Singular values below this fraction of the largest are treated as zero (minimum-norm
 # solution): an exactly collinear history still yields finite coefficients.
 RANK_TOLERANCE = 1e-13
@@ -37,7 +47,8 @@ class LeastSquaresSolution:
 def solve_normal_equations(
     gram: torch.Tensor, rhs: torch.Tensor, regularization: float
 ) -> LeastSquaresSolution | None:
-    """Solve ``(G + lam I) g = dR^T r``; ``None`` when too ill-conditioned to trust.
+    """Solve ``(G + lam I) g = dR^T r``; ``None`` when too ill-conditioned to trust (the
+    estimated forward error above ``GRAM_ERROR_BOUND``: cond(G) > ``GRAM_MAX_CONDITION``).
 
     On the CPU in numpy, the eigendecomposition by LAPACK's dsyevd called directly
     (scipy.linalg.lapack): on an m x m system a torch call's dispatch costs more than the

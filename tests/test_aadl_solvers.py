@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from aadl import AndersonAcceleration, kernels
-from aadl.solvers import GRAM_MAX_CONDITION, solve_normal_equations, solve_r_factor
+from aadl.solvers import (
+    GRAM_ERROR_BOUND,
+    GRAM_MAX_CONDITION,
+    gram_error_estimate,
+    solve_normal_equations,
+    solve_r_factor,
+)
 from aadl_problems import LogisticProblem, run_wrapper
 
 
@@ -327,3 +333,45 @@ def test_block_workers_run_single_threaded_and_leave_the_caller_alone():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
+
+
+def _ill_conditioned_history(condition_of_gram, residual, seed, n=300, h=8):
+    """Rows of dR (h, n) with cond(dR^T dR) = ``condition_of_gram``, an r whose least-squares
+    residual is ``residual`` times |dR g|, and the Gram matrix and rhs as the history keeps
+    them (exact-product float64 sums)."""
+    rng = np.random.default_rng(seed)
+    basis, _ = np.linalg.qr(rng.standard_normal((n, h)))
+    rotation, _ = np.linalg.qr(rng.standard_normal((h, h)))
+    singular = np.logspace(0, -0.5 * math.log10(condition_of_gram), h)
+    dR = (basis * singular) @ rotation.T * 1e-3
+    fitted = dR @ rng.standard_normal(h)
+    noise = rng.standard_normal(n)
+    noise -= basis @ (basis.T @ noise)
+    r = fitted + residual * np.linalg.norm(fitted) * noise / np.linalg.norm(noise)
+    rows, rhs_vector = torch.tensor(dR.T.copy()), torch.tensor(r)
+    gram = kernels.row_dots(rows, [rows[j] for j in range(h)])
+    return rows, rhs_vector, gram, kernels.row_dots(rows, [rhs_vector])[:, 0]
+
+
+@pytest.mark.parametrize("condition_of_gram", [1e2, 1e4, 1e6, 1e7, 1e8, 1e9, 1e10, 1e12])
+def test_gram_answers_only_within_its_error_bound_of_qr(condition_of_gram):
+    """Where the normal equations answer, their coefficients agree with QR's to
+    GRAM_ERROR_BOUND (relative); past it they refuse and the wrapper uses QR. The estimate
+    u cond(G) tracks the measured difference (within a small factor either way)."""
+    for residual in (0.0, 1e-6, 1e-2, 1.0):
+        for seed in range(3):
+            rows, r, gram, rhs = _ill_conditioned_history(condition_of_gram, residual, seed)
+            by_qr = solve_r_factor(kernels.streaming_r_factor(rows, r), 0.0).coefficients.numpy()
+            by_gram = solve_normal_equations(gram, rhs, 0.0)
+            if by_gram is None:
+                assert gram_error_estimate(condition_of_gram) > GRAM_ERROR_BOUND / 2
+                continue
+            difference = np.linalg.norm(by_gram.coefficients.numpy() - by_qr) / np.linalg.norm(by_qr)
+            assert difference <= GRAM_ERROR_BOUND
+            assert difference <= 3 * gram_error_estimate(by_gram.condition**2)
+    assert (solve_normal_equations(gram, rhs, 0.0) is None) == (condition_of_gram > GRAM_MAX_CONDITION)
+
+
+def test_the_gram_switch_is_near_a_condition_of_one_million():
+    assert 5e5 < GRAM_MAX_CONDITION < 2e6
+    assert GRAM_ERROR_BOUND == pytest.approx(gram_error_estimate(GRAM_MAX_CONDITION))
