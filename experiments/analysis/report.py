@@ -267,6 +267,13 @@ class Report:
         return "\n".join(lines)
 
 
+def _verdicts_text(result: ClaimResult) -> str:
+    """Each algorithm's verdict in a line (the claim's alone where it compares no AADL algorithm)."""
+    if not result.claim.reference_command:
+        return f"verdict: {result.verdict}"
+    return "; ".join(f"{ALGORITHM_NAMES[a]}: {result.verdicts[a][0]}" for a in claims.ALGORITHMS)
+
+
 def _statement(result: ClaimResult) -> str:
     text = result.claim.statement
     if result.claim.kind != "experiment":
@@ -288,6 +295,8 @@ def _level(row: claims.Row) -> str:
         return "-"
     if row.fixed:
         return "(premise)"
+    if not row.family:
+        return "- (too few seeds)" if row.effect.n < claims.MIN_SEEDS else "-"
     adjusted = row.adjusted_interval()
     if adjusted is None:
         return f"{row.level:.3g}"
@@ -300,7 +309,7 @@ def _headline(result: ClaimResult) -> str:
     row = result.headline
     if row is None:
         return "n/a"
-    more = sum(1 for r in result.rows if r.counted) - 1
+    more = sum(1 for r in result.rows if r.counted and r.algorithm == row.algorithm) - 1
     return f"{row.effect}" + (f" (and {more} more row{'s' if more > 1 else ''})" if more > 0 else "")
 
 
@@ -375,7 +384,7 @@ def claim_figure(result: ClaimResult) -> Figure | None:
             axes.set_xscale("log")
         axes.set_xlim(low, high)
         axes.set_xlabel("effect: mean and 95% CI over seeds (grey: one seed each)", fontsize=10)
-        figure.suptitle(textwrap.fill(f"{claim.section}: {claim.statement}", 90) + f"\nverdict: {result.verdict}", fontsize=11)
+        figure.suptitle(textwrap.fill(f"{claim.section}: {claim.statement}", 90) + f"\n{_verdicts_text(result)}", fontsize=11)
         axes.legend(loc="best", fontsize=8)
     return figure
 
