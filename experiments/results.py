@@ -304,7 +304,7 @@ def record_resumption(meta: dict[str, Any], step: int, device: str) -> str | Non
 
 def _code_text(git: dict[str, Any]) -> str:
     commit = git.get("commit")
-    return f"{commit[:10] if commit else 'unknown commit'}{' (dirty)' if git.get('dirty') else ''}"
+    return f"{commit[:8] if commit else 'unknown commit'}{' (dirty)' if git.get('dirty') else ''}"
 
 
 def constant_columns(run: Any) -> dict[str, Any]:

@@ -66,7 +66,7 @@ def test_a_real_run_records_its_job_ids_and_code_version_per_segment(tmp_path):
     assert resumed["git"] == git_state(REPO_ROOT) and resumed["git"]["commit"]
     here = aggregate.code_version(resumed["git"])
     assert "resumed at step" in (meta_path.parent / "run.log").read_text()
-    assert "under another code version (0badc0de00 ->" in (meta_path.parent / "run.log").read_text()
+    assert "under another code version (0badc0de ->" in (meta_path.parent / "run.log").read_text()
     assert aggregate.provenance(meta)["code"] == f"0badc0de & {here}"
     assert [segment["job"] for segment in aggregate.segments(meta)] == [
         {"SLURM_JOB_ID": "4242", "SLURM_ARRAY_JOB_ID": "4240", "SLURM_ARRAY_TASK_ID": "2"},
