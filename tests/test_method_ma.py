@@ -45,7 +45,7 @@ def test_ma_averages_without_any_aa_step_and_trains_batched_as_its_single_runs(c
     assert pd.read_csv(aadl_ma.path / "metrics.csv").iloc[-1]["aa_attempts"] > 0
 
 
-@pytest.mark.parametrize("preset", [p for p in PAPER_PRESETS if not p.endswith("_reference")])
+@pytest.mark.parametrize("preset", [p for p in PAPER_PRESETS if not p.endswith(("_reference", "_switches"))])
 def test_every_paper_preset_runs_the_averaging_only_control_and_has_the_authors_variant_beside_it(compose, preset):
     from experiments.compose import preset_sweep
 

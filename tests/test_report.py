@@ -604,3 +604,25 @@ def test_a_complete_preset_is_not_marked_and_other_methods_in_its_directory_do_n
     write_gap_study(root, {"SGD+EXTRAP": (0.90, 0.89)}, seeds=range(3), spread=0.002, methods={"SGD+EXTRAP": ("extrap_sgd", 4)})
     marked = judge(root, "fig4-ma-gap").incomplete  # EXTRAP-SGD's six runs are not the preset's
     assert marked.startswith("+paper=fashion_gap is not complete: 18 of its 24 runs finished")
+
+
+def test_the_report_measures_each_switch_between_the_two_algorithms(tmp_path):
+    exact_ratios(tmp_path, {"Adam": (2.0, 0.02), "Adam+AADL+MA": 1.0})
+    exact_ratios(tmp_path, {"Adam+AADL(ref)+MA": 1.0}, bottom=0.01 * 1.6, method="aadl", legend_order=2,
+                 identity={"method.aadl.variant": "reference_code", "method.aadl.average": True})
+    switches = {("residual", None): 1.0, ("reference_code", None): 1.5, ("residual", 12): 1.05, ("reference_code", 12): 1.6}
+    for (criterion, window), factor in switches.items():
+        exact_ratios(tmp_path, {"Adam+AADL+MA": 1.0}, bottom=0.01 * factor, name="fig1_switches",
+                     identity={"method.aadl.average_criterion": criterion, "method.aadl.average_window": window})
+    rows = claims.algorithm_switches(Context(tmp_path))
+    column = "final val_loss / Adam+AADL+MA's"
+    found = {(row.study.rsplit("/", 1)[-1], row.values["algorithm"], row.values["switched"]): row.values[column].split()[0] for row in rows}
+    assert found == {
+        ("fig1", "contract's algorithm", "defaults"): "1",  # the reference of every row
+        ("fig1", "authors' code", "defaults"): "1.6",
+        ("fig1_switches", "contract's algorithm", "average_criterion=residual"): "1",
+        ("fig1_switches", "contract's algorithm", "average_criterion=reference_code"): "1.5",
+        ("fig1_switches", "contract's algorithm", "average_criterion=residual, average_window=12"): "1.05",
+        ("fig1_switches", "contract's algorithm", "average_criterion=reference_code, average_window=12"): "1.6",
+    }
+    assert "## What separates the two algorithms" in report.Report(tmp_path).markdown({})

@@ -1446,9 +1446,59 @@ def targets(context: Context) -> list[MeasureRow]:
     return rows
 
 
+#: The contract's settings that take the authors' code's choice (the rest has no switch).
+SWITCHES = ("average_criterion", "average_window")
+
+
+def algorithm_switches(context: Context) -> list[MeasureRow]:
+    """What separates the two algorithms, one difference at a time: per figure, the
+    contract's AADL+MA with the authors' averaging criterion and/or window (``+paper=<fig>_switches``)
+    and the authors' AADL+MA itself, each against the contract's AADL+MA of the figure
+    (paired by seed): the final val_loss ratio, how often averaging and AA's points are kept."""
+    rows = []
+    for figure in ("fig1", "fig2", "fig3"):
+        spec = FIGURES[figure]
+        main = context.study(spec.results_dir(context.root))
+        if not main.ran:
+            continue
+        group, _ = settings_group(main.results)
+        contract = configs_of(group, "aadl_ma", "contract")
+        if contract.empty:
+            continue
+        base = contract.iloc[0]
+        reference = per_seed(main.results, base["label"], final("val_loss"))
+        candidates = [(main, config) for _, config in configs_of(group, "aadl_ma", "reference_code").iterrows()]
+        switched = context.study(preset(f"{figure}_switches", spec.experiment).path(context.root))
+        if switched.ran:
+            candidates += [(switched, config) for _, config in switched.results.configurations.iterrows()
+                           if config["method"] == "aadl" and config["legend_order"] == 2 and algorithm_of(config) == "contract"]
+        if not candidates:
+            continue
+        for study, config in [(main, base), *candidates]:
+            values = per_seed(study.results, config["label"], final("val_loss"))
+            ratio = contrast([(1, values), (-1, reference)], log=True) if study is not main or config is not base else None
+            averages = per_seed(study.results, config["label"], counter_rate(AVERAGES, "step"))
+            accepted = per_seed(study.results, config["label"], counter_rate(ACCEPTED, ATTEMPTS))
+            settings = _settings(config)
+            rows.append(MeasureRow(str(study.path), config["label"], {
+                "algorithm": ALGORITHM_NAMES.get(algorithm_of(config), ""),
+                "switched": ", ".join(f"{k}={_plain(json.loads(settings[k]))}" for k in SWITCHES if k in settings) or "defaults",
+                "seeds": str(int(config["seeds"])),
+                f"final val_loss / {base['label']}'s": str(ratio) if ratio is not None else "1",
+                "averages applied per step": interval_text(*aggregate.t_interval(averages)),
+                "AA points accepted per attempt": interval_text(*aggregate.t_interval(accepted)),
+            }))
+    return rows
+
+
 # --------------------------------------------------------------------------------------------
 # Numbers as text
 # --------------------------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    """A setting as written: a whole float (read back from a table) as an integer."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def _num(value: float) -> str:
