@@ -25,8 +25,8 @@ import torch
 # gram route answers its coefficients agree with QR's to about that bound; past it the
 # caller falls back to QR. Read at call time by every wrapper (tests lower it).
 UNIT_ROUNDOFF = float(np.finfo(np.float64).eps) / 2
-GRAM_ERROR_BOUND = 1e-10
-GRAM_MAX_CONDITION = GRAM_ERROR_BOUND / UNIT_ROUNDOFF  # about 9.0e5
+GRAM_ERROR_BOUND = 1e-9
+GRAM_MAX_CONDITION = GRAM_ERROR_BOUND / UNIT_ROUNDOFF  # about 9.0e6
 
 
 def gram_error_estimate(condition_of_gram: float) -> float:
