@@ -78,7 +78,7 @@ def header(script: str, prefix: str) -> list[list[str]]:
 # -- without a cluster ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("script", [*SCRIPTS, "tests/jsrun_standin/jsrun", "tests/jsrun_standin/jsrun_rank"])
+@pytest.mark.parametrize("script", [*SCRIPTS, "slurm/common.sh", "lsf/common.sh", "tests/jsrun_standin/jsrun", "tests/jsrun_standin/jsrun_rank"])
 def test_shellcheck_passes(script):
     shellcheck = shutil.which("shellcheck", path=str(Path(sys.executable).parent)) or shutil.which("shellcheck")
     if shellcheck is None:

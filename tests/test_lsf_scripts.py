@@ -29,18 +29,19 @@ cat >"$FAKE_DIR/bsub-$n.stdin"
 echo "Job <$((900 + n))> is submitted to queue <batch>."
 """
 
-FAKE_JSRUN = """#!/bin/bash
+FAKE_JSRUN = r"""#!/bin/bash
 # Records each step (arguments, MASTER_ADDR, AADL_DATA_ROOT). A training step either exits
 # $FAKE_RUN_EXIT at once or, with FAKE_RUN_WAIT=1, runs until a signal and exits 75.
 n=$(date +%s%N)
-printf '%s\\n' "MASTER_ADDR=${MASTER_ADDR:-} AADL_DATA_ROOT=${AADL_DATA_ROOT:-} $*" >"$FAKE_DIR/jsrun-$n.txt"
+printf '%s\n' "MASTER_ADDR=${MASTER_ADDR:-} AADL_DATA_ROOT=${AADL_DATA_ROOT:-} $*" >"$FAKE_DIR/jsrun-$n.txt"
 case " $* " in
     *" experiments.run "*) ;;
     *) exit 0 ;;
 esac
 if [[ "${FAKE_RUN_WAIT:-0}" == 1 ]]; then
     for sig in USR1 USR2 TERM; do trap "echo $sig >>\"\$FAKE_DIR/signals\"; exit 75" "$sig"; done
-    sleep 60 & wait
+    sleep 60 >/dev/null 2>&1 &  # must not hold the job's output open once this step ends
+    wait
 fi
 exit "${FAKE_RUN_EXIT:-0}"
 """
@@ -121,13 +122,13 @@ def test_seed_array_lsf_one_element_per_seed(tmp_path):
     assert "seed=$((LSB_JOBINDEX-1))" in jsrun
 
 
-def test_packed_seed_array_passes_usr2_on_and_resubmits_what_is_left(fakes, tmp_path):
+def run_packed_until_signal(fakes, tmp_path, **variables) -> tuple[str, int, Path]:
+    """A packed seed array of 4 seeds, 2 at a time, stopped by SIGUSR2 once 2 have started."""
     bin_dir, record = fakes
-    root = tmp_path / "runs"
     env = script_env(
         PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_DIR=str(record), FAKE_RUN_WAIT="1", LSB_JOBID="602",
         AADL_REPO=str(REPO_ROOT), ACCOUNT="abc123", SEEDS="0-3", SLOTS="2", CORES="7", PACK="1",
-        OVERRIDES=f"method=none seed=0,1,2,3 output.root={root}", LOG_DIR=str(tmp_path / "logs"),
+        OVERRIDES=f"method=none seed=0,1,2,3 output.root={tmp_path / 'runs'}", LOG_DIR=str(tmp_path / "logs"), **variables,
     )
     job = subprocess.Popen(["bash", str(REPO_ROOT / "lsf/seed_array.lsf")], env=env, cwd=tmp_path,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -140,9 +141,20 @@ def test_packed_seed_array_passes_usr2_on_and_resubmits_what_is_left(fakes, tmp_
     assert sorted(line.split("seed=")[1].split()[0] for line in started) == ["0", "1"]
     job.send_signal(signal.SIGUSR2)  # what LSF sends at the -W run limit
     out, _ = job.communicate(timeout=120)
-    assert job.returncode == 75, out
     assert (record / "signals").read_text().split() == ["USR2", "USR2"], out  # both running seeds were told
     assert len(steps(record)) == 2, out  # seeds 2 and 3 never started
+    return out, job.returncode, record
+
+
+def test_packed_seed_array_runs_seeds_over_slots_and_passes_usr2_on(fakes, tmp_path):
+    out, returncode, record = run_packed_until_signal(fakes, tmp_path, MAX_RESUBMITS="0")
+    assert returncode == 75 and "not resubmitting" in out, out
+    assert submissions(record) == []
+
+
+def test_packed_seed_array_resubmits_what_experiments_status_lists(fakes, tmp_path):
+    out, returncode, record = run_packed_until_signal(fakes, tmp_path)
+    assert returncode == 75, out
     (again,) = submissions(record)
     assert again["env"]["SEEDS"] == "0-3" and again["env"]["AADL_RESUBMITS"] == "1", out
     assert "resubmitting seeds 0-3 of fig2" in out
