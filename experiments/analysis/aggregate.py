@@ -1005,7 +1005,7 @@ def left_out_notes(results: Results, table: pd.DataFrame | None = None) -> list[
     if left:
         notes.append(f"Left out: {' and '.join(left)} run{'s' if len(results.damaged) + len(results.incomplete) > 1 else ''} (named in the warnings).")
     if results.skipped:
-        notes.append(f"Not read: {len(results.skipped)} folder{'s' if len(results.skipped) > 1 else ''} (links already read, broken or unreadable; named in the warnings).")
+        notes.append(f"Not read: {len(results.skipped)} folder{'s' if len(results.skipped) > 1 else ''} (reached twice through links, broken links, unreadable, or hidden folders holding runs; named in the warnings).")
     return notes + provenance_notes(results)
 
 
