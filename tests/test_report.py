@@ -626,3 +626,19 @@ def test_the_report_measures_each_switch_between_the_two_algorithms(tmp_path):
         ("fig1_switches", "contract's algorithm", "average_criterion=reference_code, average_window=12"): "1.6",
     }
     assert "## What separates the two algorithms" in report.Report(tmp_path).markdown({})
+
+
+def test_the_figures_from_an_unpacked_bundle_are_the_figures_from_its_runs(tmp_path, monkeypatch):
+    from experiments.analysis import bundle, figures
+
+    monkeypatch.chdir(tmp_path)
+    fig1(Path("results/runs"), {"Adam": 0.02, "Adam+AADL": 0.02, "Adam+AADL+MA": 0.001})
+    assert bundle.main(["--runs", "results/runs", "--out", "results/bundle"]) == 0
+    assert bundle.main(["--unpack", "results/bundle", "--runs", "results/runs"]) == 1  # never over runs
+    assert bundle.main(["--unpack", "results/bundle", "--runs", "unpacked/runs"]) == 0
+    outputs = {}
+    for root in ("results/runs", "unpacked/runs"):
+        out = Path("figures") / root.split("/")[0]
+        assert figures.main(["fig1", "--results", f"{root}/graduate_admissions/fig1", "--out", str(out)]) == 0
+        outputs[root] = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".png", ".md", ".csv")}
+    assert outputs["results/runs"] and outputs["results/runs"] == outputs["unpacked/runs"]

@@ -16,7 +16,9 @@ fixed times and owners, so the same runs give the same bytes.
 
 ``python -m experiments.report --runs results/bundle`` (any directory holding a bundle) reads
 it through :func:`opened`, which unpacks it into a temporary directory; the report names the
-recorded root, so its text is the one the runs themselves give.
+recorded root, so its text is the one the runs themselves give. ``--unpack BUNDLE --runs DIR``
+writes the run directories back under an empty DIR for every other reader (the figures:
+``python -m experiments.figures fig1 --results DIR/graduate_admissions/fig1``).
 """
 
 from __future__ import annotations
@@ -133,12 +135,35 @@ def opened(path: Path | str) -> Iterator[tuple[Path, str | None]]:
         raise BundleError(f"{path}: not a readable results bundle ({error})") from None
 
 
+def unpack(bundle: Path | str, runs: Path | str) -> int:
+    """The bundle's run directories written under ``runs`` (which must not hold runs yet:
+    nothing is overwritten), as they lay under the root they were bundled from, so that
+    every reader (figures, status, the report) reads them as it read the originals. Returns
+    the number of run directories."""
+    bundle, runs = Path(bundle), Path(runs)
+    if not is_bundle(bundle):
+        raise BundleError(f"{bundle}: not a results bundle (no {ARCHIVE} and {MANIFEST})")
+    if runs.exists() and aggregate.find_run_dirs(runs):
+        raise BundleError(f"--runs {runs}: already holds run directories; unpack into an empty or new folder")
+    runs.mkdir(parents=True, exist_ok=True)
+    try:
+        with tarfile.open(bundle / ARCHIVE, mode="r:gz") as archive:
+            archive.extractall(runs, filter="data")
+    except (OSError, tarfile.TarError) as error:
+        raise BundleError(f"{bundle}: not a readable results bundle ({error})") from None
+    return len(aggregate.find_run_dirs(runs))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.analysis.bundle", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=Path, default=Path("results/runs"), help="output root to bundle (default: results/runs)")
+    parser.add_argument("--runs", type=Path, default=Path("results/runs"), help="output root to bundle, or to unpack into (default: results/runs)")
     parser.add_argument("--out", type=Path, default=Path("results/bundle"), help="bundle directory (default: results/bundle)")
+    parser.add_argument("--unpack", type=Path, metavar="BUNDLE", help="write BUNDLE's run directories under --runs instead")
     args = parser.parse_args(argv)
     try:
+        if args.unpack is not None:
+            print(f"unpacked {unpack(args.unpack, args.runs)} run directories into {args.runs}")
+            return 0
         written = write(args.runs, args.out)
     except (BundleError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
