@@ -138,3 +138,24 @@ def test_status_counts_a_partial_array_and_resubmit_runs_only_the_missing_seeds(
     assert sorted(p.read_text().split("element ")[1].split()[0] for p in logs.glob(f"h6-resubmit-{again}_*.out")) == ["2", "3"]
     assert status("fig2", "seed=0,1,2,3", *overrides, flag="--missing").returncode == 0
     assert all(p.stat().st_mtime_ns == mtime for p, mtime in finished.items())  # seeds 0-1 untouched
+
+
+@pytest.mark.slurm
+def test_ddp_rank_killed_by_an_early_usr1_is_requeued_not_failed(tmp_path, slurm):  # noqa: F811
+    # A stand-in for Python whose first attempt dies of USR1 as a rank does when the warning
+    # arrives before its handler exists (srun then exits 138); the requeued attempt succeeds.
+    python = tmp_path / "python"
+    python.write_text(f"""#!/bin/bash
+[[ "$1 $2" == "-m experiments.site" ]] && exec {PYTHON} "$@"
+echo "attempt ${{SLURM_RESTART_COUNT:-0}}"
+[[ "${{SLURM_RESTART_COUNT:-0}}" == 0 ]] && kill -USR1 $$
+exit 0
+""")
+    python.chmod(0o755)
+    logs = tmp_path / "logs"
+    job = submit_script(slurm, "slurm/ddp.sbatch", GPUS_PER_NODE="0", CPUS_PER_TASK="1", TIME="5", JOB_NAME="h6-early",
+                        LOG_DIR=str(logs), PYTHON=str(python))
+    end = slurm.wait(job, timeout=240)
+    log = logs_of(logs)
+    assert (end.state, end.exit_code) == ("COMPLETED", 0), log
+    assert "killed by USR1 while it started" in log and "attempt 1" in log, log
