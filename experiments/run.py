@@ -607,10 +607,8 @@ def main(cfg: DictConfig) -> None:
     except RunPreempted as stopped:
         print(f"{stopped}", file=sys.stderr, flush=True)
         if worker and stopping.in_sweep_worker():
-            # The parent stops the other jobs and exits 75 once each has checkpointed; a
-            # worker that exited here would break the pool and lose their checkpoints.
-            if not stopping.sweep_stopping_file():
-                stopping.notify_sweep(stopped.signal_name)
+            # The parent (told when the signal came) stops the other jobs and exits 75 once
+            # each has checkpointed; a worker that exited here would break the pool.
             return
         if worker:
             os._exit(PREEMPTED_EXIT)  # a submitit job: its status is the job's

@@ -23,9 +23,10 @@ The pieces, in the order a process meets them:
 * rank status files: under ``python -m experiments.torchrun`` each rank writes the status
   it exits with (:data:`RANK_STATUS_ENV`), so the wrapper can exit 75 where torchrun says 1.
 * a sweep (``-m`` with the joblib launcher): its parent passes a stop to every worker
-  that is running a run (:func:`stop_sweep_workers`), a worker that got the signal itself
-  passes it to the parent (:func:`notify_sweep`), jobs not yet started do not start
-  (:func:`sweep_stopping`), and the parent exits 75 once every worker has checkpointed.
+  that is running a run (:func:`stop_sweep_workers`), a worker that got the signal itself,
+  busy or idle, passes it to the parent (:func:`notify_sweep`), jobs not yet started do
+  not start (:func:`sweep_stopping`), and the parent exits 75 once every worker has
+  checkpointed.
 """
 
 from __future__ import annotations
@@ -71,18 +72,24 @@ class RunPreempted(HarnessError):
 
 _arrived: list[str] = []
 _recording = False
+_tell_sweep = False
 
 
 def _record(signum: int, frame: Any) -> None:
     _arrived.append(signal.Signals(signum).name)
+    if _tell_sweep and len(_arrived) == 1:
+        notify_sweep(_arrived[0])
 
 
 def record_signals() -> None:
     """From now on, for the rest of this process, a stop signal only records its name.
 
     For processes that exist to train (the command line, a sweep's worker): a signal
-    between two runs of a worker, or while Python starts, is kept for the next check."""
-    global _recording
+    between two runs of a worker, or while Python starts, is kept for the next check. A
+    sweep's worker also passes the first one to the sweep's parent, whether it is running
+    a job or waiting for one (a scheduler may signal any one process of the job)."""
+    global _recording, _tell_sweep
+    _tell_sweep = in_sweep_worker()
     for sig in STOP_SIGNALS:
         signal.signal(sig, _record)
     _recording = True
@@ -166,15 +173,16 @@ def start_sweep(stop_file: Path) -> None:
     os.environ[SWEEP_STOP_ENV] = str(stop_file)
 
     def handler(signum: int, frame: Any) -> None:
+        if _sweep_stopped:
+            return  # the workers were told; each tells this process once more when it stops
         name = signal.Signals(signum).name
-        if not _sweep_stopped:
-            print(f"sweep stopping on {name}: every running job checkpoints; jobs not started are left", file=sys.stderr, flush=True)
-            _sweep_stopped.append(name)
-            try:
-                stop_file.parent.mkdir(parents=True, exist_ok=True)
-                stop_file.write_text(name)
-            except OSError:
-                pass  # the workers running now are still told below
+        print(f"sweep stopping on {name}: every running job checkpoints; jobs not started are left", file=sys.stderr, flush=True)
+        _sweep_stopped.append(name)
+        try:
+            stop_file.parent.mkdir(parents=True, exist_ok=True)
+            stop_file.write_text(name)
+        except OSError:
+            pass  # the workers running now are still told below
         stop_sweep_workers()
 
     for sig in STOP_SIGNALS:
@@ -236,9 +244,9 @@ def sweep_stopping() -> Optional[str]:
 
 
 def notify_sweep(signal_name: str) -> None:
-    """In a sweep's worker whose run a signal stopped: pass the signal to the parent, which
-    stops the other workers (a scheduler may signal one process only)."""
-    if in_sweep_worker():
+    """In a sweep's worker that a signal reached: pass it to the parent, which stops the
+    other workers, unless the parent's stop file says it knows."""
+    if in_sweep_worker() and not sweep_stopping_file():
         try:
             os.kill(os.getppid(), signal.Signals[signal_name])
         except (KeyError, OSError):

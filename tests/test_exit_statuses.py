@@ -135,6 +135,31 @@ def test_usr1_to_one_worker_stops_the_sweep_every_run_checkpoints_and_the_sweep_
     assert not alive, f"workers outlived the sweep: {alive}"
 
 
+def test_usr1_to_an_idle_worker_stops_the_sweep_too(data_root, tmp_path, end_all):
+    runs = tmp_path / "runs"
+    process = _start("experiments.run", "-m", "train.epochs=1,100000", f"output.root={runs}", f"hydra.sweep.dir={tmp_path / 'h'}")
+    end_all(psutil.Process(process.pid))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(runs.rglob("COMPLETE"))) < 1:
+        time.sleep(0.1)
+    (busy_log,) = [log for log in runs.rglob("run.log") if not (log.parent / "COMPLETE").exists()]
+    _wait_for_runs(busy_log.parent.parent, 1)
+
+    def holds_the_run(worker: psutil.Process) -> bool:
+        try:
+            return any(Path(f.path) == busy_log for f in worker.open_files())
+        except psutil.Error:
+            return False
+
+    workers = _worker_running_a_job(process)
+    idle = [worker for worker in workers if not holds_the_run(worker)]
+    assert len(workers) == 2 and len(idle) == 1, (workers, idle)
+    idle[0].send_signal(signal.SIGUSR1)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == PREEMPTED_EXIT, stderr[-3000:]
+    assert _status(busy_log.parent) == "preempted" and "Traceback" not in stderr
+
+
 def test_a_multirun_under_several_ranks_is_refused_in_one_line(data_root, tmp_path):
     env = {**ENV, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
     done = subprocess.run(
