@@ -286,14 +286,21 @@ def test_two_ranks_out_of_step_resume_from_the_newest_step_both_hold(tmp_path):
 
 
 @pytest.mark.distributed
-def test_a_checkpoint_of_another_world_size_is_refused_with_advice_that_works(compose, data_root, tmp_path, monkeypatch):
+@pytest.mark.parametrize("advice", ["resume with 1 process", "delete the folder"])
+def test_a_checkpoint_of_another_world_size_is_refused_with_advice_that_works(compose, data_root, tmp_path, monkeypatch, advice):
     overrides = ("method=aadl_ma", "problem.batch_size=400", "train.epochs=6", f"data.root={data_root}")
-    _preempted(compose, tmp_path, monkeypatch, 3, *overrides)
+    run_dir = _preempted(compose, tmp_path, monkeypatch, 3, *overrides)
     refused = torchrun(overrides, tmp_path)
     assert refused.returncode != 0
     lines = [line for line in refused.stderr.splitlines() if "made for a different run" in line]
     assert lines and all("world_size 1 (this run: 2)" in line and "resume it with 1 process(es)" in line for line in lines)
-    assert execute(compose(*overrides, f"output.root={tmp_path}")).status == "completed"  # with 1 process, as advised
+    if advice == "resume with 1 process":
+        assert execute(compose(*overrides, f"output.root={tmp_path}")).status == "completed"
+    else:
+        shutil.rmtree(advised_folder(lines[0]))
+        done = torchrun(overrides, tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert json.loads((run_dir / "meta.json").read_text())["world_size"] == 2
 
 
 # -- one atomic writer ------------------------------------------------------------------------
@@ -349,3 +356,16 @@ def test_checkpoints_have_crcs_even_where_torch_was_told_to_skip_them(tmp_path):
     assert checkpoint.verify(path) is None
     flip_first_tensor(path)
     assert "CRC" in checkpoint.verify(path)
+
+
+def test_a_checkpoint_written_before_verification_existed_is_verified_alike(tmp_path):
+    """The harness before this check wrote checkpoints with a plain torch.save: the same zip
+    records with the same CRCs, so they are verified, not trusted blindly."""
+    path = checkpoint.checkpoint_path(tmp_path, 7)
+    path.parent.mkdir()
+    torch.save({"format": checkpoint.FORMAT, "config_id": "x", "state": {"w": torch.arange(100.0)}}, path)
+    assert checkpoint.verify(path) is None
+    assert checkpoint.resume(tmp_path, expected={"config_id": "x"})[0]["state"]["w"].sum() == 4950
+    flip_first_tensor(path)
+    with pytest.raises(CheckpointError, match="no intact checkpoint to resume from .*CRC"):
+        checkpoint.resume(tmp_path, expected={"config_id": "x"})
