@@ -131,8 +131,10 @@ PAPER_SCALE_100D = Caveat(
     "problem.solution_scale",
     "paper",
     "The paper's 100d solution e^-t prod_i (x_i^2 - 1) is ~1e-27 at typical points of "
-    "[-1, 1]^99, so a network that outputs zero already scores val_loss ~1e-54: a small "
-    "val_loss does not mean that u is learnt; val_rel_l2 = ||u_net - u|| / ||u|| says whether it is.",
+    "[-1, 1]^99, so a network that outputs zero already scores a tiny val_loss (a mean of "
+    "squares over the validation points, set by their few largest terms, not by a typical "
+    "point): a small val_loss does not mean that u is learnt; val_rel_l2 = ||u_net - u|| / ||u|| "
+    "says whether it is.",
 )
 
 FIGURES: dict[str, FigureSpec] = {
