@@ -5,8 +5,8 @@ For a paper preset (``configs/paper/<name>.yaml``) the expected runs are its swe
 each is found at its run directory and classified by the reader the figures use
 (:func:`experiments.analysis.aggregate.check_run`), so a run this table calls complete is
 exactly a run a figure averages. Unfinished runs are split by the status they recorded
-(running, preempted, failed, interrupted); a run recorded as running whose Slurm job is no
-longer in the queue is ``lost`` (killed without a chance to record it: resume it). A folder
+(running, preempted, failed, interrupted); a run recorded as running whose Slurm or LSF job
+has ended is ``lost`` (killed without a chance to record it: resume it). A folder
 argument lists the runs found under it (nothing can be called missing there).
 
     python -m experiments.status fig2                  # table; exit 0 only when complete
@@ -181,14 +181,35 @@ def _last_log_line(path: Path) -> str:
     return lines[-1] if lines else ""
 
 
-def slurm_job_active(job: str) -> bool | None:
-    """Whether Slurm still has job ``job`` (pending, running, requeued); None where it
-    cannot tell (no squeue here, no answer, not a Slurm id)."""
-    if not re.fullmatch(r"\d+(_\d+)?", job) or shutil.which("squeue") is None:
+def _ask(command: list[str]) -> subprocess.CompletedProcess | None:
+    if shutil.which(command[0]) is None:
         return None
     try:
-        result = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, timeout=20)
+        return subprocess.run(command, capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def job_active(job: Any) -> bool | None:
+    """Whether the scheduler still has the job a run recorded (pending, running, requeued);
+    None where it cannot tell (no squeue/bjobs here, no answer, no job recorded)."""
+    if not isinstance(job, dict):
+        return None
+    if job.get("LSB_JOBID"):
+        index = job.get("LSB_JOBINDEX")
+        name = f"{job['LSB_JOBID']}[{index}]" if index and str(index) != "0" else str(job["LSB_JOBID"])
+        result = _ask(["bjobs", "-noheader", "-o", "stat", name])
+        if result is None:
+            return None
+        if "not found" in result.stdout + result.stderr:
+            return False  # bjobs forgets finished jobs after a while
+        states = result.stdout.split()
+        return None if not states else not all(state in ("DONE", "EXIT") for state in states)
+    name = job_text(job)
+    if not name or not re.fullmatch(r"\d+(_\d+)?", name):
+        return None
+    result = _ask(["squeue", "-h", "-j", name, "-o", "%T"])
+    if result is None:
         return None
     if result.returncode != 0:
         # squeue -j names a job it no longer knows with "Invalid job id specified".
@@ -217,9 +238,9 @@ def run_state(path: Path, variant: str | None = None, seed: int | None = None) -
         state.checkpoint = _newest_checkpoint(path)
         if state.state == "failed":
             state.detail = _last_log_line(path) or check.reason
-        elif state.state == "running" and state.job and slurm_job_active(state.job) is False:
+        elif state.state == "running" and job_active(_latest(meta, "job")) is False:
             state.state = "lost"
-            state.detail = f"recorded as running, but Slurm job {state.job} has ended"
+            state.detail = f"recorded as running, but job {state.job} has ended"
     if check.kind in ("good", "diverged") and check.metrics is not None and len(check.metrics):
         state.step = int(check.metrics["step"].iloc[-1])
     return state

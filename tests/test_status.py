@@ -121,3 +121,30 @@ def test_bad_input_is_one_line_and_status_2():
 
 def test_seeds_spec_uses_ranges():
     assert seeds_spec([12, 3, 4, 5, 7]) == "3-5,7,12"
+
+
+@pytest.mark.parametrize("tool, output, job, expected", [
+    ("squeue", "echo 'slurm_load_jobs error: Invalid job id specified' >&2; exit 1", {"SLURM_JOB_ID": "41"}, "lost"),
+    ("squeue", "echo RUNNING", {"SLURM_ARRAY_JOB_ID": "40", "SLURM_ARRAY_TASK_ID": "3", "SLURM_JOB_ID": "43"}, "running"),
+    ("bjobs", "echo 'Job <77[4]> is not found'", {"LSB_JOBID": "77", "LSB_JOBINDEX": "4"}, "lost"),
+    ("bjobs", "echo EXIT", {"LSB_JOBID": "78"}, "lost"),
+    ("bjobs", "echo RUN", {"LSB_JOBID": "79"}, "running"),
+])
+def test_a_running_run_whose_job_has_ended_is_lost(tmp_path, monkeypatch, tool, output, job, expected):
+    """A run killed without recording it (node failure, kill -9) still says running; the
+    scheduler's queue tells it apart from one that runs, and it is listed for a rerun."""
+    from experiments.status import run_state
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / tool).write_text(f"#!/bin/bash\necho \"$@\" >>{tmp_path / 'asked'}\n{output}\n")
+    (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    path = write_run(tmp_path / "runs", variant="Adam", seed=0, val_loss=[1.0, 0.5], complete=False, status="running")
+    meta = json.loads((path / "meta.json").read_text())
+    (path / "meta.json").write_text(json.dumps({**meta, "job": job}))
+    state = run_state(path)
+    assert state.state == expected, state
+    asked = (tmp_path / "asked").read_text()
+    assert ("40_3" in asked) if "SLURM_ARRAY_JOB_ID" in job else True
+    assert ("77[4]" in asked) if job.get("LSB_JOBINDEX") else True
