@@ -395,6 +395,7 @@ def test_thread_defaults_follow_the_process_count_and_the_experiment(compose):
     pinned = validate(compose("experiment=burgers2d", "train.threads=3"))
     assert torch_threads(pinned.config, True, Ranks(world_size=2, threads=8), burgers.problem_class) == 3
 
+
 # -- stacked PINN lanes ---------------------------------------------------------------------------
 
 
