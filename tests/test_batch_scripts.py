@@ -121,6 +121,13 @@ def test_seed_array_dry_run_with_every_variable():
     ]
 
 
+def test_seed_overrides_narrow_the_campaign_not_the_element():
+    _, python = dry_run("slurm/seed_array.sbatch", OVERRIDES="seed=0,1,2,3 method=none")
+    assert [word for word in python if word.startswith("seed=")] == ["seed=${SLURM_ARRAY_TASK_ID}"] and python[-1] == "method=none"
+    _, jsrun, _ = dry_run("lsf/seed_array.lsf", OVERRIDES="seed=0,1,2,3 method=none")
+    assert [word for word in jsrun if word.startswith("seed=")] == ["seed=${seed}"] and jsrun[-1] == "method=none"
+
+
 @pytest.mark.parametrize("time_limit, signal_seconds", [("1", "60"), ("00:01:00", "90"), ("30", "1800")])
 def test_seed_array_refuses_a_warning_no_earlier_than_the_start(time_limit, signal_seconds):
     result = subprocess.run(["bash", str(REPO_ROOT / "slurm/seed_array.sbatch")], capture_output=True, text=True, timeout=60,

@@ -124,8 +124,8 @@ def test_status_counts_a_partial_array_and_resubmit_runs_only_the_missing_seeds(
     finished = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("COMPLETE")}
     assert len(finished) == 2
 
-    # RESUBMIT=1 asks experiments.status with the same preset and overrides; the preset's
-    # 20 seeds are narrowed here by the override seed=0,1,2,3 (a real campaign leaves it out).
+    # RESUBMIT=1 asks experiments.status with the same preset and overrides; a seed= among
+    # them narrows the preset's 20 seeds to these 4 (the elements run their own seed only).
     common["OVERRIDES"] += " seed=0,1,2,3"
     result = subprocess.run(["bash", SCRIPT], env=script_env(RESUBMIT="1", JOB_NAME="h6-resubmit", **common),
                             capture_output=True, text=True, timeout=180)
