@@ -159,3 +159,29 @@ exit 0
     log = logs_of(logs)
     assert (end.state, end.exit_code) == ("COMPLETED", 0), log
     assert "killed by USR1 while it started" in log and "attempt 1" in log, log
+
+
+@pytest.mark.slurm
+def test_element_signalled_before_python_handles_signals_is_requeued(tmp_path, slurm):  # noqa: F811
+    # A stand-in for Python that has no handler yet (as while Python starts): the warning the
+    # batch shell passes on kills it (128 + USR1); the element requeues instead of FAILED.
+    python = tmp_path / "python"
+    python.write_text(f"""#!/bin/bash
+[[ "$1 $2" == "-m experiments.site" ]] && exec {PYTHON} "$@"
+echo "attempt ${{SLURM_RESTART_COUNT:-0}}"
+[[ "${{SLURM_RESTART_COUNT:-0}}" == 0 ]] && {{ touch {tmp_path / 'started'}; sleep 60; }}
+exit 0
+""")
+    python.chmod(0o755)
+    logs = tmp_path / "logs"
+    job = submit_script(slurm, "slurm/seed_array.sbatch", SEEDS="0", CPUS_PER_TASK="1", TIME="5", JOB_NAME="h6-early-element",
+                        LOG_DIR=str(logs), PYTHON=str(python))
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "started").exists():
+        assert time.monotonic() < deadline, logs_of(logs)
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", f"{job}_0"], check=True, env=script_env())
+    slurm.wait(job, timeout=240)
+    log = logs_of(logs)
+    assert array_states(job) == ["COMPLETED"], log
+    assert "the run exited 138 (this shell got SIGUSR1)" in log and "requeueing element" in log and "attempt 1" in log, log
