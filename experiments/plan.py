@@ -234,6 +234,16 @@ def estimate(job: Job, costs: dict[str, Any]) -> Estimate:
     return Estimate(float(seconds), str(costs.get("source", COSTS_FILE.name)))
 
 
+def runtime_minutes(job: Job, limit_minutes: int, costs: dict[str, Any]) -> int:
+    """A job's time request: three times its estimate (at least 10 minutes), within the site's
+    limit; the limit itself where nothing estimates the job. A job that still runs out is
+    retried and resumes from its checkpoint."""
+    seconds = estimate(job, costs).seconds
+    if seconds is None:
+        return limit_minutes
+    return int(min(limit_minutes, max(10, -(-3 * seconds // 60))))
+
+
 @dataclass
 class PresetPlan:
     preset: str
@@ -303,14 +313,14 @@ def mark(marker: Path, runs: Sequence[Path], job: str = "") -> None:
     (the engine then counts the job as failed and retries it: it resumes)."""
     from experiments.analysis.aggregate import check_run
     from experiments.errors import RunError
-    from experiments.results import _write_atomically
+    from experiments.atomic import write_atomically
 
     unfinished = [str(run) for run in runs if not _finished(Path(run))]
     if unfinished:
         raise RunError(f"job {job or marker.stem}: {len(unfinished)} of {len(runs)} run(s) not finished, e.g. {unfinished[0]}")
     record = {"job": job or marker.stem, "runs": {str(run): check_run(run).kind for run in runs}}
     marker.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(marker, json.dumps(record, indent=1) + "\n")
+    write_atomically(marker, json.dumps(record, indent=1) + "\n")
 
 
 # -- command line ---------------------------------------------------------------------------
