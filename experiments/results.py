@@ -47,7 +47,6 @@ from typing import Any, Iterator
 
 from experiments.atomic import write_atomically
 
-_write_atomically = write_atomically  # the name experiments/plan.py imports
 
 CONFIG_FILE = "config.yaml"
 META_FILE = "meta.json"
