@@ -414,7 +414,7 @@ def main() -> None:
     if device.type == "cpu":
         torch.set_num_threads(1)
         report_limit(presets, args.repeats)
-        report_seed_batching(presets, args.lanes, max(3, args.repeats // 4))
+        report_seed_batching(presets, args.lanes, max(5, args.repeats // 2))
         report_safeguard_reuse(presets, args.reuse_steps)
         print()
     if args.limit_only:
