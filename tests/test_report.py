@@ -619,7 +619,7 @@ def test_the_report_measures_each_switch_between_the_two_algorithms(tmp_path):
     found = {(row.study.rsplit("/", 1)[-1], row.values["algorithm"], row.values["switched"]): row.values[column].split()[0] for row in rows}
     assert found == {
         ("fig1", "contract's algorithm", "defaults"): "1",  # the reference of every row
-        ("fig1", "authors' code", "defaults"): "1.6",
+        ("fig1", "authors' code", "-"): "1.6",
         ("fig1_switches", "contract's algorithm", "average_criterion=residual"): "1",
         ("fig1_switches", "contract's algorithm", "average_criterion=reference_code"): "1.5",
         ("fig1_switches", "contract's algorithm", "average_criterion=residual, average_window=12"): "1.05",

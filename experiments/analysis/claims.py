@@ -1434,13 +1434,13 @@ def targets(context: Context) -> list[MeasureRow]:
             seconds = per_seed(results, label, lambda r: time_to_target(r, target)[1])
             cost = per_seed(results, label, cost_per_step)
             ratio = contrast([(1, cost), (-1, per_seed(results, reference, cost_per_step))], log=True)
-            shared = study.batched([label, reference])
+            alone, shared = study.batched([label]), study.batched([label, reference])
             rows.append(MeasureRow(str(study.path), label, {
                 "target val_loss": f"{_num(target)} ({reference if reference != label else 'own'} median)",
                 "steps to target (median)": _num(float(np.median(reach))),
                 "seconds to target (median)": _num(float(np.median(seconds))),
                 "reached": f"{int(np.isfinite(reach).sum())}/{len(reach)}",
-                "seconds per step": "n/a (seed-batched)" if shared else interval_text(*aggregate.t_interval(cost)),
+                "seconds per step": "n/a (seed-batched)" if alone else interval_text(*aggregate.t_interval(cost)),
                 "per step / reference's": "n/a (seed-batched)" if shared else (str(ratio) if reference != label else "1"),
             }))
     return rows
@@ -1482,7 +1482,8 @@ def algorithm_switches(context: Context) -> list[MeasureRow]:
             settings = _settings(config)
             rows.append(MeasureRow(str(study.path), config["label"], {
                 "algorithm": ALGORITHM_NAMES.get(algorithm_of(config), ""),
-                "switched": ", ".join(f"{k}={_plain(json.loads(settings[k]))}" for k in SWITCHES if k in settings) or "defaults",
+                "switched": "-" if algorithm_of(config) == "reference_code" else
+                            ", ".join(f"{k}={_plain(json.loads(settings[k]))}" for k in SWITCHES if k in settings) or "defaults",
                 "seeds": str(int(config["seeds"])),
                 f"final val_loss / {base['label']}'s": str(ratio) if ratio is not None else "1",
                 "averages applied per step": interval_text(*aggregate.t_interval(averages)),
