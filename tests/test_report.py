@@ -642,3 +642,11 @@ def test_the_figures_from_an_unpacked_bundle_are_the_figures_from_its_runs(tmp_p
         assert figures.main(["fig1", "--results", f"{root}/graduate_admissions/fig1", "--out", str(out)]) == 0
         outputs[root] = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".png", ".md", ".csv")}
     assert outputs["results/runs"] and outputs["results/runs"] == outputs["unpacked/runs"]
+
+
+def test_a_claim_on_too_few_seeds_says_how_many_would_settle_it(tmp_path):
+    three = judge(exact_ratios(tmp_path, {"Adam": (30.0, 0.5), "Adam+AADL+MA": 1.0}, seeds=3), "fig1-ma-tenfold")
+    assert three.verdict == "inconclusive" and three.reason.startswith("rests on 3 seeds, fewer than 5")
+    needed = int(three.reason.split("about ")[1].split(" seeds")[0])
+    by_hand = next(n for n in range(2, 1000) if stats.t.ppf(0.975, n - 1) * 0.5 / math.sqrt(n) < math.log(3))
+    assert needed == max(by_hand, claims.MIN_SEEDS)

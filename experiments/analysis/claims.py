@@ -283,7 +283,8 @@ def decide(effect: Effect | None, region: Region, confidence: float = CONFIDENCE
     if effect is None or effect.n == 0:
         return "inconclusive", "no good run to measure"
     if effect.n < min_seeds:
-        return "inconclusive", f"rests on {effect.n} seed{'s' if effect.n != 1 else ''}, fewer than {min_seeds}"
+        return "inconclusive", (f"rests on {effect.n} seed{'s' if effect.n != 1 else ''}, fewer than {min_seeds}"
+                                + _settle_text(effect, region, confidence, min_seeds))
     low, high = effect.interval(confidence)
     level = f"{100 * confidence:.4g}% interval" if confidence != CONFIDENCE else "interval"
     if not (np.isfinite(low) and np.isfinite(high)):
@@ -292,14 +293,19 @@ def decide(effect: Effect | None, region: Region, confidence: float = CONFIDENCE
         return "reproduced", f"the {level} lies inside the claimed region ({region})"
     if high <= region.low or low >= region.high:
         return "not reproduced", f"the {level} lies outside the claimed region ({region})"
+    return "inconclusive", f"the {level} crosses a margin of the claimed region ({region}){_settle_text(effect, region, confidence)}"
+
+
+def _settle_text(effect: Effect, region: Region, confidence: float, at_least: int = 2) -> str:
+    """"; about N seeds would settle it ..." from the observed spread ("" without one)."""
+    if not np.isfinite(effect.spread):
+        return ""
     settle = effect.seeds_to_settle(region, confidence)
     if settle is None:
-        more = "; no number of seeds would settle it at this estimate"
-    elif settle > MAX_SEEDS_ESTIMATE:
-        more = f"; more than {MAX_SEEDS_ESTIMATE:,} seeds would be needed at the observed spread"
-    else:
-        more = f"; about {settle} seeds would settle it at the observed spread"
-    return "inconclusive", f"the {level} crosses a margin of the claimed region ({region}){more}"
+        return "; no number of seeds would settle it at this estimate"
+    if settle > MAX_SEEDS_ESTIMATE:
+        return f"; more than {MAX_SEEDS_ESTIMATE:,} seeds would be needed at the observed spread"
+    return f"; about {max(settle, at_least)} seeds would settle it at the observed spread"
 
 
 def verdict(effect: Effect | None, region: Region, min_seeds: int = MIN_SEEDS) -> tuple[str, str]:
