@@ -33,6 +33,7 @@ from typing import Any, Sequence
 from experiments.analysis.aggregate import (
     METRICS_FILE, RunCheck, check_run, find_run_dirs,
 )
+from experiments.seed_groups import compact_seeds
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "paper"
 #: States in table order. Those of RERUN are what ``--missing`` lists: a new job runs or
@@ -165,10 +166,22 @@ def _last_step(path: Path) -> int | None:
     return None
 
 
-def _newest_checkpoint(path: Path) -> int | None:
+def _newest_checkpoint(path: Path, seed: int | None) -> int | None:
+    """The step of the newest checkpoint a rerun would resume this run from: its own, else
+    that of a seed group holding its seed (experiments/seed_groups.py)."""
     from experiments.checkpoint import any_checkpoints
+    from experiments.seed_groups import GROUPS_DIRECTORY, parse_seeds
 
     found = any_checkpoints(path)
+    if not found and seed is not None:
+        for group in sorted((path.parent / GROUPS_DIRECTORY).glob("seeds=*")):
+            try:
+                members = parse_seeds(group.name.split("=", 1)[1])
+            except ValueError:
+                continue
+            if seed in members:
+                found += any_checkpoints(group)
+        found.sort(key=lambda checkpoint: checkpoint.name)
     match = re.match(r"step-(\d+)", found[-1].name) if found else None
     return int(match.group(1)) if match else None
 
@@ -235,7 +248,7 @@ def run_state(path: Path, variant: str | None = None, seed: int | None = None) -
         status = meta.get("status")
         state.state = status if status in ("running", "preempted", "failed", "interrupted") else "damaged"
         state.step = _last_step(path)
-        state.checkpoint = _newest_checkpoint(path)
+        state.checkpoint = _newest_checkpoint(path, seed)
         if state.state == "failed":
             state.detail = _last_log_line(path) or check.reason
         elif state.state == "running" and job_active(_latest(meta, "job")) is False:
@@ -290,24 +303,13 @@ def seeds_text(seeds: Sequence[int]) -> str:
     return ",".join(str(seed) for seed in seeds)
 
 
-def seeds_spec(seeds: Sequence[int]) -> str:
-    """3,7-9,12: the batch scripts' SEEDS, runs of consecutive seeds as ranges (--array syntax)."""
-    ranges: list[list[int]] = []
-    for seed in sorted(set(seeds)):
-        if ranges and ranges[-1][1] == seed - 1:
-            ranges[-1][1] = seed
-        else:
-            ranges.append([seed, seed])
-    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
-
-
 def missing_lines(campaign: Campaign) -> list[str]:
     """What is left, in the launchers' forms: the batch scripts' SEEDS and a multirun's overrides."""
     seeds = campaign.rerun_seeds()
     if campaign.kind != "preset" or not seeds:
-        return [] if not seeds else [f"SEEDS={seeds_spec(seeds)}"]
+        return [] if not seeds else [f"SEEDS={compact_seeds(seeds)}"]
     kept = [override for override in campaign.overrides if not override.lstrip("+~").startswith("seed=")]
-    return [f"SEEDS={seeds_spec(seeds)}", " ".join([f"+paper={campaign.name}", *kept, f"seed={seeds_text(seeds)}"])]
+    return [f"SEEDS={compact_seeds(seeds)}", " ".join([f"+paper={campaign.name}", *kept, f"seed={seeds_text(seeds)}"])]
 
 
 def table(campaign: Campaign) -> str:
@@ -332,7 +334,7 @@ def table(campaign: Campaign) -> str:
                      else f"  {run.state:<11} {run.variant} seed={run.seed}{detail}")
     missing = sorted({run.seed for run in campaign.runs if run.state == "missing"})
     if missing:
-        lines.append(f"  missing     seeds {seeds_spec(missing)} (some variant has no run directory)")
+        lines.append(f"  missing     seeds {compact_seeds(missing)} (some variant has no run directory)")
     return "\n".join(lines)
 
 

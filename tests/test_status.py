@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.status import expected_runs, main, preset_campaign, seeds_spec
+from experiments.status import expected_runs, main, preset_campaign
 from run_trees import write_run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -55,6 +55,10 @@ def partial(expected):
             kwargs = {"truncate": 1}
         paths[short, seed] = place(Path(path), variant, seed, **kwargs)
     (paths["+AADL", 1] / "run.log").write_text("step 10\nRuntimeError: CUDA out of memory\n")
+    # The preempted seed trained in a seed group: its checkpoint is the group's.
+    group = paths["", 1].parent / ".seed-groups" / "seeds=0-1" / "checkpoints"
+    group.mkdir(parents=True)
+    (group / "step-000000010.pt").write_bytes(b"")
     return root, runs, paths
 
 
@@ -84,7 +88,8 @@ def test_counts_of_a_partial_preset_equal_those_by_hand(partial):
     }
     failed = next(run for run in campaign.runs if run.state == "failed")
     assert failed.detail == "RuntimeError: CUDA out of memory" and failed.host == "synthetic"
-    assert next(run for run in campaign.runs if run.state == "preempted").step == 20
+    preempted = next(run for run in campaign.runs if run.state == "preempted")
+    assert (preempted.step, preempted.checkpoint) == (20, 10)
     # Preempted, failed and missing are rerun; damaged (needs a look) and running are not.
     assert campaign.rerun_seeds() == [1, 2] and not campaign.complete
 
@@ -117,10 +122,6 @@ def test_complete_preset_exits_zero(expected, tmp_path):
 def test_bad_input_is_one_line_and_status_2():
     result = subprocess.run([sys.executable, "-m", "experiments.status", "fig9"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "fig2" in result.stderr
-
-
-def test_seeds_spec_uses_ranges():
-    assert seeds_spec([12, 3, 4, 5, 7]) == "3-5,7,12"
 
 
 @pytest.mark.parametrize("tool, output, job, expected", [
