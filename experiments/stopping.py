@@ -37,6 +37,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -93,6 +94,8 @@ def record_signals() -> None:
     for sig in STOP_SIGNALS:
         signal.signal(sig, _record)
     _recording = True
+    if hasattr(signal, "pthread_sigmask"):  # a sweep's worker is born with them blocked
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def recording() -> bool:
@@ -172,21 +175,36 @@ def start_sweep(stop_file: Path) -> None:
     os.environ[SWEEP_PARENT_ENV] = _this_process()
     os.environ[SWEEP_STOP_ENV] = str(stop_file)
 
-    def handler(signum: int, frame: Any) -> None:
-        if _sweep_stopped:
-            return  # the workers were told; each tells this process once more when it stops
-        name = signal.Signals(signum).name
-        print(f"sweep stopping on {name}: every running job checkpoints; jobs not started are left", file=sys.stderr, flush=True)
-        _sweep_stopped.append(name)
-        try:
-            stop_file.parent.mkdir(parents=True, exist_ok=True)
-            stop_file.write_text(name)
-        except OSError:
-            pass  # the workers running now are still told below
-        stop_sweep_workers()
+    lock = threading.RLock()  # the handler may run again inside itself (main thread)
+
+    def stop(signum: int) -> None:
+        with lock:
+            if _sweep_stopped:
+                return  # the workers were told; each tells this process once more when it stops
+            name = signal.Signals(signum).name
+            print(f"sweep stopping on {name}: every running job checkpoints; jobs not started are left", file=sys.stderr, flush=True)
+            _sweep_stopped.append(name)
+            try:
+                stop_file.parent.mkdir(parents=True, exist_ok=True)
+                stop_file.write_text(name)
+            except OSError:
+                pass  # the workers running now are still told below
+            stop_sweep_workers()
 
     for sig in STOP_SIGNALS:
-        signal.signal(sig, handler)
+        signal.signal(sig, lambda signum, frame: stop(signum))
+    if hasattr(signal, "pthread_sigmask"):
+        # Workers started from now on inherit the stop signals blocked: a worker that has
+        # no job yet holds one pending (record_signals unblocks it with its first job)
+        # instead of dying of it and breaking the pool, as a signal to every process of a
+        # job step would. This process takes them in a thread of its own.
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+        def wait() -> None:
+            while True:
+                stop(signal.sigwait(STOP_SIGNALS))
+
+        threading.Thread(target=wait, name="aadl-sweep-signals", daemon=True).start()
 
 
 def sweep_stopped() -> Optional[str]:

@@ -140,24 +140,46 @@ def test_usr1_to_an_idle_worker_stops_the_sweep_too(data_root, tmp_path, end_all
     process = _start("experiments.run", "-m", "train.epochs=1,100000", f"output.root={runs}", f"hydra.sweep.dir={tmp_path / 'h'}")
     end_all(psutil.Process(process.pid))
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(list(runs.rglob("COMPLETE"))) < 1:
+    busy: list[Path] = []
+    while time.monotonic() < deadline:
+        done = list(runs.rglob("COMPLETE")) if runs.exists() else []
+        busy = [log for log in runs.rglob("run.log") if not (log.parent / "COMPLETE").exists()] if done else []
+        if busy:
+            break
         time.sleep(0.1)
-    (busy_log,) = [log for log in runs.rglob("run.log") if not (log.parent / "COMPLETE").exists()]
-    _wait_for_runs(busy_log.parent.parent, 1)
-
-    def holds_the_run(worker: psutil.Process) -> bool:
-        try:
-            return any(Path(f.path) == busy_log for f in worker.open_files())
-        except psutil.Error:
-            return False
+    (busy_log,) = busy
+    _wait_for_runs(busy_log.parent, 1)
 
     workers = _worker_running_a_job(process)
-    idle = [worker for worker in workers if not holds_the_run(worker)]
-    assert len(workers) == 2 and len(idle) == 1, (workers, idle)
+    assert len(workers) == 2, workers
+    time.sleep(3)  # the finished job's worker writes its results and returns them
+    before = [sum(w.cpu_times()[:2]) for w in workers]
+    time.sleep(3)
+    spent = [sum(w.cpu_times()[:2]) - b for w, b in zip(workers, before)]
+    idle = [workers[spent.index(min(spent))]]
+    assert min(spent) < max(spent) / 3, spent  # one trains, the other waits for a job
     idle[0].send_signal(signal.SIGUSR1)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == PREEMPTED_EXIT, stderr[-3000:]
     assert _status(busy_log.parent) == "preempted" and "Traceback" not in stderr
+
+
+def test_a_signal_to_every_process_of_a_sweep_at_once_stops_it_cleanly(data_root, tmp_path, end_all):
+    """What a scheduler's signal to a whole job step does: the parent, the worker running the
+    one job and the worker that never got a job (joblib starts one per core) all get it."""
+    runs = tmp_path / "runs"
+    process = _start("experiments.run", "-m", "seed=0", *LONG, f"output.root={runs}", f"hydra.sweep.dir={tmp_path / 'h'}")
+    end_all(psutil.Process(process.pid))
+    (metrics,) = _wait_for_runs(runs, 1)
+    family = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+    for member in family:
+        member.send_signal(signal.SIGUSR1)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == PREEMPTED_EXIT, stderr[-3000:]
+    assert "Traceback" not in stderr and "TerminatedWorkerError" not in stderr, stderr[-3000:]
+    assert _status(metrics.parent) == "preempted"
+    _, alive = psutil.wait_procs(family[1:], timeout=30)
+    assert not alive, f"workers outlived the sweep: {alive}"
 
 
 def test_a_multirun_under_several_ranks_is_refused_in_one_line(data_root, tmp_path):
