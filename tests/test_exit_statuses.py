@@ -135,6 +135,7 @@ def test_usr1_to_one_worker_stops_the_sweep_every_run_checkpoints_and_the_sweep_
     assert not alive, f"workers outlived the sweep: {alive}"
 
 
+@pytest.mark.slow  # the whole-family test below covers a jobless worker in the default run
 def test_usr1_to_an_idle_worker_stops_the_sweep_too(data_root, tmp_path, end_all):
     runs = tmp_path / "runs"
     process = _start("experiments.run", "-m", "train.epochs=1,100000", f"output.root={runs}", f"hydra.sweep.dir={tmp_path / 'h'}")
