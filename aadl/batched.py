@@ -739,13 +739,13 @@ class BatchedAndersonAcceleration(AccelerationBase):
             )
             self._warned_no_closure = True
         if s.safeguard != "loss" or closure is None:
-            kept = torch.where(valid[:, None], candidate, w_after, out=candidate)
+            kept = candidate if self._uniform(valid) is True else torch.where(valid[:, None], candidate, w_after, out=candidate)
             self._rows.scatter(kept)
             stats.aa_accepted += valid
             return kept, None
 
         plain = self._evaluate_losses(closure)  # the parameters are at w_after
-        trial = torch.where(valid[:, None], candidate, w_after, out=candidate)
+        trial = candidate if self._uniform(valid) is True else torch.where(valid[:, None], candidate, w_after, out=candidate)
         self._rows.scatter(trial)
         try:
             accelerated = self._evaluate_losses(closure)
@@ -754,8 +754,15 @@ class BatchedAndersonAcceleration(AccelerationBase):
             accelerated = torch.full_like(plain, math.nan)
         here = self._device
         accept = valid & (accelerated.to(here, torch.float64) < plain.to(here, torch.float64))
-        kept = torch.where(accept[:, None], trial, w_after, out=candidate)
-        self._rows.scatter(kept)
+        uniform = self._uniform(accept)
+        if uniform is True:  # the parameters already hold every seed's trial point
+            kept = trial
+        elif uniform is False:
+            kept = w_after
+            self._rows.scatter(kept)
+        else:
+            kept = torch.where(accept[:, None], trial, w_after, out=candidate)
+            self._rows.scatter(kept)
         stats.aa_accepted += accept
         return kept, torch.where(accept.to(plain.device), accelerated, plain)
 
@@ -783,6 +790,19 @@ class BatchedAndersonAcceleration(AccelerationBase):
         by_qr, qr_condition = solve_r_factors_batched(r_factor, s.regularization)
         g[chosen], condition[chosen] = by_qr, qr_condition
         return g, condition, fallback.to(torch.int64)
+
+    #: Skip the (S, n) selects and copies a per-seed decision does not need when every seed
+    #: decided alike (the same values either way; benchmarks/batched_aa.py turns it off to compare).
+    lean_selects: bool = True
+
+    def _uniform(self, decided: torch.Tensor) -> bool | None:
+        """True if every seed's decision is yes, False if every one is no, None if they differ
+        or reading them would make the host wait on a device."""
+        if not self.lean_selects or decided.device.type != "cpu":
+            return None
+        if bool(decided.all()):
+            return True
+        return False if not bool(decided.any()) else None
 
     def _evaluate_losses(self, closure: Callable[[], Any]) -> torch.Tensor:
         """``closure()``, checked to be S real losses; returned as a (S,) tensor."""
@@ -823,7 +843,8 @@ class BatchedAndersonAcceleration(AccelerationBase):
         if not average.full:
             return
         fire = average.decide(residual)
-        self._rows.scatter(torch.where(fire[:, None], average.mean, current, out=average.mean))
+        if self._uniform(fire) is not False:  # where no seed averages, the parameters hold current
+            self._rows.scatter(torch.where(fire[:, None], average.mean, current, out=average.mean))
         self.stats.averages_applied += fire
 
     # -- checkpointing -----------------------------------------------------------------

@@ -20,6 +20,12 @@ and prints both sides' times per round (all S seeds) and the ratio A / B. Last, 
 AADL iterations against their floor, what batching cannot remove: Adam's iteration (B) plus
 the safeguard's two forward passes (B's no-grad forward, timed in the same rounds): the
 part of an AADL group's time that is AADL's own work.
+
+    python benchmarks/batched_aa.py --lean-selects   # side B with vs without the shortcut
+
+``--lean-selects`` instead times side B's AADL step with BatchedAndersonAcceleration's
+``lean_selects`` (skip the (S, n) selects and copies when every seed decided alike) on and
+off, two wrappers alternated in one process, and checks that their parameters stay equal.
 """
 
 from __future__ import annotations
@@ -166,12 +172,43 @@ def measure(variant: str, seeds: int, rounds: int, warmup: int) -> dict[str, flo
     return result
 
 
+def compare_lean_selects(seeds: int, rounds: int, warmup: int) -> None:
+    for variant in ("Adam+AADL", "Adam+AADL+MA"):
+        sides = {}
+        for lean in (True, False):
+            _, _, batched, opt, _ = build(variant, seeds)
+            opt.lean_selects = lean
+            sides[lean] = (batched, opt)
+        xs, ys = minibatches(seeds, warmup + rounds)
+
+        def step(lean: bool, k: int) -> float:
+            batched, opt = sides[lean]
+            loss_fn = lambda: _mse_per_seed(batched(xs[k]), ys[k])  # noqa: E731
+            opt.zero_grad()
+            loss_fn().sum().backward()
+            start = time.perf_counter()
+            opt.step(loss_fn)
+            return time.perf_counter() - start
+
+        times = {True: [], False: []}
+        for k in range(warmup + rounds):
+            for lean in ((True, False) if k % 2 else (False, True)):
+                elapsed = step(lean, k)
+                if k >= warmup:
+                    times[lean].append(elapsed)
+        on, off = statistics.median(times[True]), statistics.median(times[False])
+        same = all(torch.equal(a, b) for a, b in zip(sides[True][0].parameters(), sides[False][0].parameters()))
+        print(f"{variant:<14} B step lean_selects on {on * 1e3:.2f}ms, off {off * 1e3:.2f}ms: "
+              f"{on / off:.3f}x; parameters equal: {same}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the Fig. 1 preset runs 1)")
+    parser.add_argument("--lean-selects", action="store_true", help="B's step with lean_selects on vs off")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from aadl import kernels
@@ -187,6 +224,9 @@ def main() -> None:
         f"{'variant':<14} | {'A step':>9} {'B step':>9} {'A/B':>6} | {'A iter':>9} {'B iter':>9} {'A/B':>6} "
         f"| {'per seed: A iter':>16} {'B iter':>8} | {'AA accepted A / B':>17}"
     )
+    if args.lean_selects:
+        compare_lean_selects(args.seeds, args.rounds, args.warmup)
+        return
     print(header)
     print("-" * len(header))
     measured = {}
