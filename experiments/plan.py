@@ -27,6 +27,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shlex
 import statistics
 import sys
@@ -51,7 +52,7 @@ class Job:
     """One process of a preset: a seed group of one configuration."""
 
     preset: str
-    id: str                      # "<variant>-<config_id>-seeds=<seeds>": unique in its preset
+    id: str                      # "<variant>-<config_id>-seeds=<seeds>": unique in its preset, no shell specials
     variant: str
     config_id: str
     overrides: tuple[str, ...]   # for ``python -m experiments.run``
@@ -167,7 +168,7 @@ def preset_jobs(preset: str, extra: Sequence[str] = ()) -> list[Job]:
             grouping = (f"train.seed_group=[{','.join(map(str, group))}]",) if len(group) > 1 else ()
             jobs.append(Job(
                 preset=preset,
-                id=f"{first.variant}-{first.config_id}-seeds={compact_seeds(group)}",
+                id=f"{_file_safe(first.variant)}-{first.config_id}-seeds={compact_seeds(group)}",
                 variant=first.variant,
                 config_id=first.config_id,
                 overrides=(*fixed, *grouping, f"seed={group[0]}"),
@@ -179,6 +180,12 @@ def preset_jobs(preset: str, extra: Sequence[str] = ()) -> list[Job]:
                 device=str(first.config.train.device),
             ))
     return jobs
+
+
+def _file_safe(variant: str) -> str:
+    """A variant label as a job id's part that needs no shell quoting ("Adam+AADL(ref)+MA" ->
+    "Adam+AADL.ref+MA"): executors put job ids into file names and commands unquoted."""
+    return re.sub(r"[^A-Za-z0-9+.=-]+", ".", variant.replace(")", "")).strip(".")
 
 
 def _finished(run: Path) -> bool:

@@ -62,7 +62,7 @@ def metrics_of(root: Path) -> dict[str, pd.DataFrame]:
 # -- the jobs ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("preset", ["fig1", "p_sweep"])
+@pytest.mark.parametrize("preset", ["fig1", "p_sweep", "fig1_reference"])
 def test_jobs_cut_a_preset_as_its_multirun(preset, data_root):
     """One job per process of ``-m +paper=<preset>``: the seed axis cut in order into groups
     of train.batch_seeds per configuration, every run of the sweep in exactly one job."""
@@ -82,6 +82,8 @@ def test_jobs_cut_a_preset_as_its_multirun(preset, data_root):
         assert len({run.parent for run in job.runs}) == 1 and len(set(job.runs)) == len(job.seeds)
     assert sorted(got) == sorted(expected)
     assert len({job.id for job in jobs}) == len(jobs)
+    # Executors put job ids into file names and shell commands unquoted ("Adam+AADL(ref)+MA").
+    assert all(re.fullmatch(r"[A-Za-z0-9+.=,-]+", job.id) for job in jobs), [job.id for job in jobs]
 
 
 def test_campaign_config_errors_name_the_key():
@@ -220,7 +222,7 @@ def test_slurm_profile_resumes_a_cancelled_job_and_matches_the_local_report(tmp_
     try:
         while cancelled is None and time.monotonic() < deadline and first.poll() is None:
             for job_id, state, comment in _squeue("rule_train"):
-                job = comment.split("job=")[-1]
+                job = comment.rsplit("_", 1)[-1]  # rule_train_wildcards_<preset>_<job>; a job id holds no "_"
                 metrics = list((work / "out" / "runs").glob(f"*/*/{job.split('-seeds=')[0]}/seed=*/metrics.csv"))
                 if state == "RUNNING" and metrics and min(len(m.read_text().splitlines()) for m in metrics) > 20:
                     subprocess.run(["scancel", job_id], check=True)
