@@ -156,12 +156,22 @@ def _compiled_route(rows: torch.Tensor, *blocks: torch.Tensor) -> bool:
     return kernels.compiled_loops_enabled()
 
 
+_BLOCK_BOUNDS: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+
+
 def _cpu_block_bounds(length: int) -> tuple[np.ndarray, np.ndarray]:
-    """The single wrapper's CPU row blocks (aadl.kernels), as start and stop arrays."""
+    """The single wrapper's CPU row blocks (aadl.kernels), as start and stop arrays (read
+    only; kept per length and block size, since every pass of every step asks again)."""
     size = kernels.CPU_BLOCK
+    cached = _BLOCK_BOUNDS.get((length, size))
+    if cached is not None:
+        return cached
     bounds = [(lo, min(length, lo + size)) for lo in range(0, length, size)] or [(0, 0)]
     bounds = np.asarray(bounds, dtype=np.int64)
-    return np.ascontiguousarray(bounds[:, 0]), np.ascontiguousarray(bounds[:, 1])
+    starts, stops = np.ascontiguousarray(bounds[:, 0]), np.ascontiguousarray(bounds[:, 1])
+    starts.flags.writeable = stops.flags.writeable = False
+    _BLOCK_BOUNDS[length, size] = starts, stops
+    return starts, stops
 
 
 def _over_seeds(seeds: int, length: int, work: Callable[[int, int], None]) -> None:
