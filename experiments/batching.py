@@ -53,16 +53,15 @@ ANDERSON_METHODS = ("aadl", "ma")
 def check_batchable(run: Any, problem_cls: type, problem_config: Any, method: Any) -> None:
     """Raise ConfigError, naming the key, unless ``run`` (a RunConfig) can train seeds batched.
 
-    A problem may refuse settings it cannot batch with a classmethod
-    ``batching_refused(problem_config) -> (key, why) | None``."""
+    A problem may refuse settings it cannot batch with its classmethod
+    ``Problem.batching_refused(problem_config) -> (key, why) | None``."""
     train = run.train
     key = "train.batch_seeds" if train.batch_seeds > 1 else "train.seed_group"
     value = train.batch_seeds if train.batch_seeds > 1 else train.seed_group
     advice = "set train.batch_seeds=1 to run one seed per process"
-    if not callable(getattr(problem_cls, "batched_loss", None)):
+    if not callable(problem_cls.batched_loss):
         raise ConfigError(key, f"experiment {problem_cls.name} cannot train seeds batched (its problem has no batched_loss); {advice}, got {value!r}")
-    refused = getattr(problem_cls, "batching_refused", None)
-    reason = refused(problem_config) if refused is not None else None
+    reason = problem_cls.batching_refused(problem_config)
     if reason is not None:
         refused_key, why = reason
         raise ConfigError(refused_key, f"{why}; or {advice}, got {getattr(problem_config, refused_key.split('.')[-1], None)!r}")
@@ -248,8 +247,8 @@ class SeedGroupProblem:
         self.problems, self.models = list(problems), list(models)
         self.lanes = len(self.problems)
         self.name, self.budget_unit = first.name, first.budget_unit
-        self.samples_per_step = getattr(first, "samples_per_step", None)
-        self.pure_loss = getattr(first, "pure_loss", False)  # experiments.step.KeptForward
+        self.samples_per_step = first.samples_per_step
+        self.pure_loss = first.pure_loss  # experiments.step.KeptForward
         self.step_context = LaneStepContext
         self._stacked: Optional[tuple[tuple[Any, ...], Any]] = None  # (the lanes' batches, stacked)
 
@@ -276,7 +275,7 @@ class SeedGroupProblem:
         """Each of ``lanes``' metrics: the problem's ``batched_evaluate(model, tensors)`` where
         it has one (for problems whose validation data is the same for every seed; equal to
         each seed's ``evaluate`` to rounding), else each lane's own problem and model."""
-        batched = getattr(self.problems[0], "batched_evaluate", None)
+        batched = self.problems[0].batched_evaluate
         if batched is not None:
             tensors = model.tensors()
             if list(lanes) != list(range(self.lanes)):

@@ -1,6 +1,6 @@
 """One command, a short Fig. 2: Burgers 2d trained by Adam, Adam+AADL and Adam+AADL+MA.
 
-    python -m experiments.demo                              # 5 seeds x 2,000 iterations, ~4 min on 2 cores
+    python -m experiments.demo                              # 5 seeds x 2,000 iterations, a few minutes on 2 cores
     python -m experiments.demo --seeds 2 --iterations 100   # a quick look
     python -m experiments.demo problem.activation=tanh      # any harness override (key=value)
     python -m experiments.demo --overwrite                  # train again instead of reusing
@@ -41,9 +41,8 @@ from experiments.validation import ValidatedRun, validate
 PRESET = "fig2"  # the paper figure the demo is a short version of
 RUN_NAME = "demo"  # output.name: the demo's runs never mix with the full figure's
 FIGURE_NAME = "fig2_demo"
-#: 5 seeds x 3 variants at the preset's full 2,000 iterations (all four learning-rate stages)
-#: took 3.4 to 4.1 minutes in three measurements on the 2-core development machine
-#: (docs/burgers.md).
+#: 5 seeds x 3 variants at the preset's full 2,000 iterations (all four learning-rate stages):
+#: a usable 95% interval in a few minutes on 2 cores (docs/burgers.md, "The demo", has the timings).
 DEFAULT_SEEDS = 5
 POLL_SECONDS = 0.5
 PROGRESS_LINES = 5  # without a terminal: a line every 20%

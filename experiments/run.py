@@ -206,23 +206,22 @@ def _held() -> Iterator[bool]:
     yield True  # ranks other than 0 follow rank 0's lock
 
 
-def torch_threads(settings: Any, worker: bool, ranks: Ranks, problem_class: Any = None) -> Optional[int]:
+def torch_threads(settings: Any, worker: bool, ranks: Ranks, problem_class: type) -> Optional[int]:
     """torch's intra-op threads for this process (None: torch's default, one per core).
 
     ``train.threads`` where set. Otherwise by process count: 1 in a multirun worker (the
     launcher runs one process per core; a seed group too); for one of several ranks its
     share of the node's cores (experiments.world.default_threads); and for a single
     process the experiment's choice, its problem's ``threads`` attribute (the small
-    networks of Figs. 1-3 say 1: a second thread only contends, and under load from other
-    processes a Burgers run with 2 threads ran 4-12x slower than with 1), else torch's
-    default (the image networks use every core)."""
+    networks of Figs. 1-3 say 1: a second thread only contends with other processes;
+    docs/burgers.md, "Benchmark"), else torch's default (the image networks use every core)."""
     if settings.train.threads:
         return settings.train.threads
     if worker:
         return 1
     if ranks.threads:
         return ranks.threads
-    return getattr(problem_class, "threads", None)
+    return problem_class.threads
 
 
 def _rank_suffix(ranks: Ranks) -> Optional[int]:
@@ -522,9 +521,9 @@ def _refuse_sweep_on_ranks() -> None:
 
 def _validate_job(job: list[str], validated: dict[tuple[str, ...], ValidatedRun]) -> ValidatedRun:
     """One job of a sweep, validated. The jobs that differ only in their seed are composed
-    and validated once (composing and validating cost ~0.1-0.3 s a job, and a figure has 60
-    jobs); each seed is then that run with its seed, as experiments.seed_groups.member_run
-    derives the members of a group."""
+    and validated once (composing and validating is the slow part of a sweep's start, and a
+    figure has 60 jobs); each seed is then that run with its seed, as
+    experiments.seed_groups.member_run derives the members of a group."""
     from experiments.seed_groups import member_run
 
     seedless = tuple(o for o in job if not o.startswith("seed="))

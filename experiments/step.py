@@ -108,7 +108,7 @@ class StepContext:
         # The loop's KeptForward, where reusing a safeguard evaluation is exact: a pure loss,
         # one process, the model itself (no DDP), fp32.
         reusable = (
-            getattr(problem, "pure_loss", False) and net is model and not parallel.active and precision.name == "fp32"
+            problem.pure_loss and net is model and not parallel.active and precision.name == "fp32"
         )
         self.kept = kept if reusable else None
 

@@ -240,7 +240,7 @@ def train(
     if precision is None:
         precision = Precision.build(cfg.train.precision, device)
     batched = state.lanes is not None
-    context_type = getattr(problem, "step_context", StepContext)
+    context_type = problem.step_context or StepContext
     kept = KeptForward()  # a safeguard's last evaluation, for the next step's backward
 
     def agreed_first_nonfinite() -> int:
@@ -257,7 +257,7 @@ def train(
     def running() -> list[Optional[int]]:
         return [lane for lane in lanes if lane not in state.lanes_ended]
 
-    samples_per_step = getattr(problem, "samples_per_step", None)
+    samples_per_step = problem.samples_per_step
     since_row = {"step": state.step, "time": time.perf_counter()}  # training time only
 
     def throughput() -> dict[str, float]:

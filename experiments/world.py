@@ -519,7 +519,7 @@ def rendezvous(info: WorldInfo, environ: Mapping[str, str] | None = None) -> Ren
     Slurm or LSF allocation. Port: ``MASTER_PORT``; else the free port rank 0 broadcast
     along with its address (MPI, unique per launch); else one derived from the job id
     (:func:`job_key`); else, for one process, any free port. Never a fixed 29500: a fixed
-    port collides between launches on one machine (7 of 18 mpirun launches failed so).
+    port collides between launches on one machine (docs/distributed.md).
     """
     environ = os.environ if environ is None else environ
     addr = environ.get("MASTER_ADDR", "").strip() or None
@@ -646,7 +646,7 @@ def default_threads(info: WorldInfo, environ: Mapping[str, str] | None = None) -
     ``SLURM_CPUS_PER_TASK`` is the per-rank budget where set. Otherwise the affinity
     mask's size divided by the local ranks; where the launcher does not say how many
     ranks share the node, by the world size, since oversubscribing is the costly mistake
-    (2 threads per rank on 2 cores with 2 ranks ran several times slower than 1). Caveat:
+    (docs/distributed.md). Caveat:
     when the launcher already bound each rank to its own cores, the mask is per rank and
     the division undercounts; set OMP_NUM_THREADS then.
     """

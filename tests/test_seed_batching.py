@@ -387,7 +387,7 @@ def test_thread_defaults_follow_the_process_count_and_the_experiment(compose):
     from experiments.run import Ranks, torch_threads
 
     burgers = validate(compose("experiment=burgers2d"))
-    images_like = type("Unpinned", (), {})  # a problem that states no preference
+    images_like = type("Unpinned", (Problem,), {})  # a problem that states no preference
     assert torch_threads(burgers.config, False, Ranks(), burgers.problem_class) == 1  # the experiment's choice
     assert torch_threads(burgers.config, False, Ranks(), images_like) is None  # torch's default
     assert torch_threads(burgers.config, True, Ranks(), images_like) == 1  # a multirun worker

@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import itertools
 from pathlib import Path
-from typing import Any, ClassVar, Iterable
+from typing import Any, Callable, ClassVar, Iterable, Optional
 
 import torch
 
@@ -23,10 +23,43 @@ class Problem(abc.ABC):
     name: ClassVar[str]  # experiment name, e.g. "graduate_admissions"
     budget_unit: ClassVar[str]  # one of BUDGET_UNITS
     Config: ClassVar[type]  # dataclass for this problem's ``problem.*`` config section
-    datasets: ClassVar[tuple[Any, ...]] = ()  # experiments.problems.tabular.TabularDataset files it reads
-    # Whether the loss goes through the model's forward, so that DistributedDataParallel can
-    # average the gradients (experiments/parallel.py); otherwise one all-reduce does.
+    datasets: ClassVar[tuple[Any, ...]] = ()
+    """The experiments.problems.tabular.TabularDataset files it reads, which
+    ``python -m experiments.data`` downloads and verifies; () reads none."""
+
     ddp: ClassVar[bool] = True
+    """Whether the loss goes through the model's forward, so that DistributedDataParallel can
+    average the gradients (experiments/parallel.py); otherwise one all-reduce does."""
+
+    # -- optional hooks: the harness reads each of these, and the defaults say "not used" ----
+
+    threads: ClassVar[Optional[int]] = None
+    """torch's intra-op threads for a single process where ``train.threads`` is unset
+    (experiments.run.torch_threads); None leaves torch's default, one thread per core."""
+
+    pure_loss: ClassVar[bool] = False
+    """True where the loss is a function of the parameters and the batch alone (no random
+    draws, no buffers changed), so that a safeguard's evaluation may serve as the next
+    step's forward (experiments.step.KeptForward); False always recomputes it."""
+
+    samples_per_step: Optional[int] = None
+    """Samples one optimizer step takes over all ranks, for the ``samples_per_second``
+    column of metrics.csv (experiments/training.py); None writes no such column."""
+
+    step_context: ClassVar[Optional[type]] = None
+    """The experiments.step.StepContext subclass the training loop hands to a method's
+    step (a seed group's lanes use their own); None means StepContext itself."""
+
+    batched_loss: ClassVar[Optional[Callable[..., torch.Tensor]]] = None
+    """A method ``batched_loss(self, model, tensors, batch) -> Tensor``: the (S,) losses of
+    S stacked copies of ``model`` whose parameters are ``tensors`` (name -> (S, ...)) on
+    stacked batches, which lets seeds train batched (experiments/batching.py); None refuses
+    ``train.batch_seeds`` and ``train.seed_group``."""
+
+    batched_evaluate: ClassVar[Optional[Callable[..., list[dict[str, float]]]]] = None
+    """A method ``batched_evaluate(self, model, tensors) -> list[dict]``: :meth:`evaluate`
+    of S stacked copies in one pass, for a validation set every seed shares
+    (experiments.batching.SeedGroupProblem.evaluate_lanes); None evaluates lane by lane."""
 
     @classmethod
     def input_identity(cls, cfg: Any, data_root: Path) -> dict[str, str]:
@@ -34,6 +67,13 @@ class Problem(abc.ABC):
         the run's identity, so runs on other data never pass for runs on this data. Raises
         DatasetError where a file is missing or wrong, before any run directory exists."""
         return {}
+
+    @classmethod
+    def batching_refused(cls, problem_config: Any) -> Optional[tuple[str, str]]:
+        """``(key, why)`` where seeds cannot train batched with these ``problem.*`` settings,
+        which experiments.batching.check_batchable raises as a ConfigError on ``key``; None
+        (the default) refuses nothing."""
+        return None
 
     def __init__(self, cfg: Any, *, data_root: Path, seed: int, device: torch.device):
         self.cfg = cfg

@@ -151,7 +151,7 @@ class StackedPinnMLP:
 def lanes_per_pass(points: Tensor, floats_per_point: int) -> int:
     """How many lanes of a :class:`StackedPinnMLP` to take in one pass over ``points`` (S, N,
     d), each point holding ``floats_per_point`` activations: on CPU as many as fit in
-    ``_CPU_BLOCK_FLOATS`` (at least one; larger stacks spill out of cache and ran slower per
+    ``_CPU_BLOCK_FLOATS`` (at least one; larger stacks spill out of cache and are slower per
     lane than one lane at a time at the presets' 4,000 points), on a GPU all of them."""
     lanes, n = points.shape[0], points.shape[1]
     if points.device.type != "cpu":
@@ -302,9 +302,9 @@ def forward_laplacian(
 
 
 # The tangents of one point take (rows x width) floats per layer: 2,600 in Burgers 100d. On
-# CPU, processing the batch in blocks whose tangents fit in cache is 1.7-3.4x faster than one
-# pass over 4,000 points (the elementwise products are memory-bound otherwise); on a GPU one
-# pass is best.
+# CPU, blocks of points whose tangents fit in cache beat one pass over 4,000 points (the
+# elementwise products are memory-bound otherwise; docs/burgers.md, "Input derivatives and
+# the fast Laplacian"); on a GPU one pass is best.
 _CPU_BLOCK_FLOATS = 1 << 19
 
 

@@ -237,8 +237,8 @@ class BurgersProblem(Problem):
     budget_unit: ClassVar[str] = "iteration"
     Config: ClassVar[type[BurgersConfig]]
     ddp: ClassVar[bool] = False  # the forward-mode Laplacian runs through the layers, not forward()
-    # torch threads of a single process where train.threads is unset (experiments.run.
-    # torch_threads): under load from other processes 2 threads ran 4-12x slower than 1.
+    # One thread: the network is too small for a second to pay, and it contends with the
+    # machine's other processes (docs/burgers.md, "Benchmark").
     threads: ClassVar[int] = 1
     # The loss is a function of the parameters and the batch alone (no random draws, no
     # buffers): a safeguard's evaluation can serve as the next step's forward (step.KeptForward).
