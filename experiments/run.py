@@ -288,11 +288,6 @@ def stop_on_signals() -> Iterator[Any]:
     def handler(signum: int, frame: Any) -> None:
         arrived.append(signal.Signals(signum).name)
 
-    arrived: list[str] = []
-
-    def handler(signum: int, frame: Any) -> None:
-        arrived.append(signal.Signals(signum).name)
-
     try:
         previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
     except ValueError:  # not the main thread: the caller's handlers stay in charge
