@@ -96,6 +96,13 @@ class Campaign:
             presets = tuple(str(name) for name in config.get("presets") or ())
             overrides = {name: () for name in presets}
             root = REPO_ROOT / str(config.get("root", "results"))
+        only = config.get("only")
+        if only is not None:
+            only = [str(name) for name in (only if isinstance(only, (list, tuple)) else [only])]
+            unknown = [name for name in only if name not in presets]
+            if unknown:
+                raise ConfigError("only", f"{unknown[0]!r} is not a preset of this campaign ({', '.join(presets)})")
+            presets = tuple(name for name in presets if name in only)
         if not presets:
             raise ConfigError("presets", "at least one paper preset (configs/paper/<name>.yaml)")
         known = sorted(path.stem for path in (REPO_ROOT / "configs" / "paper").glob("*.yaml"))

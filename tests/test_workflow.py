@@ -38,8 +38,10 @@ def snakemake(workdir: Path, *args: str, env: dict | None = None, timeout: float
 
 
 def campaign_file(path: Path, root: Path, presets: dict[str, list[str]], **extra) -> Path:
-    """A --configfile with a quick campaign of ``presets`` written under ``root``."""
-    path.write_text(yaml.safe_dump({"quick": True, "quick_root": str(root), "quick_presets": presets, **extra}))
+    """A --configfile with a quick campaign of ``presets`` written under ``root`` (snakemake
+    merges a --configfile's mappings into workflow/config.yaml's: ``only`` keeps the others out)."""
+    path.write_text(yaml.safe_dump({"quick": True, "quick_root": str(root), "quick_presets": presets,
+                                    "only": list(presets), **extra}))
     return path
 
 
@@ -89,6 +91,9 @@ def test_jobs_cut_a_preset_as_its_multirun(preset, data_root):
 def test_campaign_config_errors_name_the_key():
     with pytest.raises(Exception, match="presets.*configs/paper/nope.yaml"):
         Campaign.from_config({"presets": ["nope"]})
+    with pytest.raises(Exception, match="only.*'fig9' is not a preset of this campaign"):
+        Campaign.from_config({"presets": ["fig1"], "only": ["fig9"]})
+    assert Campaign.from_config({"presets": ["fig1", "fig2"], "only": ["fig2"]}).presets == ("fig2",)
     with pytest.raises(Exception, match="quick.*true or false"):
         Campaign.from_config({"presets": ["fig1"], "quick": "maybe"})
 
