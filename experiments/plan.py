@@ -80,6 +80,7 @@ class Campaign:
     quick: bool = False
     overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)  # preset -> extra overrides
     root: Path = REPO_ROOT / "results"
+    device: str | None = None    # train.device of every job (None: the presets' own, cpu)
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "Campaign":
@@ -105,11 +106,14 @@ class Campaign:
             presets = tuple(name for name in presets if name in only)
         if not presets:
             raise ConfigError("presets", "at least one paper preset (configs/paper/<name>.yaml)")
+        device = config.get("device")
+        if device is not None and not re.fullmatch(r"cpu|auto|cuda(:\d+)?", str(device)):
+            raise ConfigError("device", f"null (the presets' own), cpu, auto, cuda or cuda:N, got {device!r}")
         known = sorted(path.stem for path in (REPO_ROOT / "configs" / "paper").glob("*.yaml"))
         for name in presets:
             if name not in known:
                 raise ConfigError("presets", f"no configs/paper/{name}.yaml; known presets: {', '.join(known)}")
-        return cls(presets, quick, overrides, root)
+        return cls(presets, quick, overrides, root, None if device is None else str(device))
 
     @property
     def runs_root(self) -> Path:
@@ -137,7 +141,8 @@ class Campaign:
 
     def extra(self, preset: str) -> tuple[str, ...]:
         root = () if self.runs_root == REPO_ROOT / "results" / "runs" else (f"output.root={self.runs_root}",)
-        return (*root, *self.overrides.get(preset, ()))
+        device = () if self.device is None else (f"train.device={self.device}",)
+        return (*root, *device, *self.overrides.get(preset, ()))
 
     def jobs(self, preset: str) -> list[Job]:
         return preset_jobs(preset, self.extra(preset))

@@ -94,6 +94,8 @@ def test_campaign_config_errors_name_the_key():
     with pytest.raises(Exception, match="only.*'fig9' is not a preset of this campaign"):
         Campaign.from_config({"presets": ["fig1"], "only": ["fig9"]})
     assert Campaign.from_config({"presets": ["fig1", "fig2"], "only": ["fig2"]}).presets == ("fig2",)
+    with pytest.raises(Exception, match="device.*cuda:N, got 'gpu'"):
+        Campaign.from_config({"presets": ["fig1"], "device": "gpu"})
     with pytest.raises(Exception, match="quick.*true or false"):
         Campaign.from_config({"presets": ["fig1"], "quick": "maybe"})
 
@@ -262,8 +264,9 @@ def test_lsf_profile_submits_with_the_site_settings(tmp_path, data_root):
     site's project, queue, time limit, CPUs and GPU request, the site's setup runs before the
     job, and the workflow runs to its report."""
     state = tmp_path / "lsf"
+    # device auto: a GPU where the job lands on one (the CPU here), so each job asks for a GPU.
     config = campaign_file(tmp_path / "c.yaml", tmp_path / "out", {"fig1": ["seed=0", "train.batch_seeds=1", "train.epochs=3"]},
-                           site="summit")
+                           site="summit", device="auto")
     env = {"PATH": f"{LSF_STANDIN}:{os.environ['PATH']}", "FAKE_LSF_DIR": str(state), "MEMBERWORK": str(tmp_path)}
     done = snakemake(tmp_path, "--configfile", str(config), "--profile", str(REPO_ROOT / "workflow" / "profiles" / "lsf"), env=env)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
@@ -277,7 +280,7 @@ def test_lsf_profile_submits_with_the_site_settings(tmp_path, data_root):
         words = " ".join(argv[:-1])
         assert f"-W {summit.time_minutes}" in words
         assert f"-n {summit.cpus_per_task}" in words
-        assert "-gpu num=1" in words  # train.device auto: a GPU where the site has them
+        assert "-gpu num=1" in words  # a GPU site, and the campaign runs on GPUs
         assert "-q batch" in words  # the site names no queue: the cluster's default
         command = argv[-1]
         assert "experiments.run" not in command or "module load open-ce" in command
