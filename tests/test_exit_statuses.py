@@ -75,9 +75,10 @@ def end_all():
                 pass
 
 
-def test_a_signal_while_python_starts_ends_as_a_preemption_with_nothing_written(data_root, tmp_path):
+def test_a_signal_while_python_starts_ends_as_a_preemption_with_nothing_written(data_root, tmp_path, end_all):
     runs = tmp_path / "runs"
     process = _start("experiments.run", *LONG, f"output.root={runs}", f"hydra.run.dir={tmp_path / 'h'}")
+    end_all(psutil.Process(process.pid))  # a failed assertion must not leave a 100,000-epoch run behind
     deadline = time.monotonic() + 30
     while not _catches(process.pid, signal.SIGUSR1) and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -89,9 +90,10 @@ def test_a_signal_while_python_starts_ends_as_a_preemption_with_nothing_written(
     assert not runs.exists()
 
 
-def test_a_preempted_seed_group_exits_75_and_records_every_seed(data_root, tmp_path):
+def test_a_preempted_seed_group_exits_75_and_records_every_seed(data_root, tmp_path, end_all):
     runs = tmp_path / "runs"
     process = _start("experiments.run", "train.seed_group=[0,1]", *LONG, f"output.root={runs}", f"hydra.run.dir={tmp_path / 'h'}")
+    end_all(psutil.Process(process.pid))
     _wait_for_runs(runs, 2)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
