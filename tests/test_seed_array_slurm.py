@@ -91,7 +91,6 @@ def test_usr1_to_an_element_requeues_it_to_the_uninterrupted_metrics(tmp_path, s
 
 
 @pytest.mark.slurm
-@pytest.mark.slow
 def test_a_one_minute_limit_requeues_elements_until_they_complete(tmp_path, slurm):  # noqa: F811
     overrides = f"{TINY} train.iterations=240"
     root, logs = tmp_path / "runs", tmp_path / "logs"
