@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Sequence
 
 from experiments.analysis import aggregate
+from experiments.atomic import write_atomically
 
 #: Counts what rendered: images that decoded and tables, as body attributes.
 _RENDER_CHECK = """<script>
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         page = build(args.report, args.runs, args.figures, args.presets)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(page)
+        write_atomically(args.out, page)
     except (PageError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
